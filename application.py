@@ -1,0 +1,282 @@
+"""Server push with Flask-SocketIO: a new random number every second, live in every browser.
+
+Run it with ``python application.py`` and open http://localhost:5000.
+
+How it works, top to bottom:
+
+1. ``next_number()`` makes the value to push. Replace it to push your own data.
+2. The first browser to connect to the ``/test`` namespace starts one background
+   task, the producer, which broadcasts a ``newnumber`` event on a fixed schedule
+   and stops again once nobody has been listening for a while.
+3. A ``NumberFeed`` keeps the ids and the last few broadcasts, so that a browser
+   that connects (or reconnects) is sent what it missed before it joins the live feed.
+"""
+import os
+
+# gevent must patch the standard library before anything else imports it.
+if os.environ.get("ASYNC_MODE") == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import collections
+import logging
+import random
+import secrets
+import signal
+import threading
+import time
+import uuid
+
+from flask import Flask, current_app, jsonify, render_template, request
+from flask_socketio import SocketIO, emit, join_room
+
+NAMESPACE = "/test"
+EVENT = "newnumber"
+LIVE_ROOM = "live"  # clients that have been sent their history and now get every broadcast
+
+# Every setting can be overridden by an environment variable of the same name.
+DEFAULT_SETTINGS = {
+    "SECRET_KEY": "",  # empty: a new random key at every start
+    "ALLOWED_ORIGINS": "",  # comma-separated; empty: same origin only; "*": any
+    "INTERVAL": 1.0,  # seconds between broadcasts
+    "HISTORY_SIZE": 10,  # broadcasts kept for clients that connect or reconnect
+    "GRACE_PERIOD": 5.0,  # seconds the producer keeps going after the last client leaves
+    "ASYNC_MODE": "threading",  # or "gevent" (pip install gevent)
+}
+
+logger = logging.getLogger("application")
+socketio = SocketIO()
+
+
+def next_number():
+    """Return the next value to push: a random number in [0, 10) with 3 decimals."""
+    return random.randrange(10_000) / 1000
+
+
+class NumberFeed:
+    """The state of the stream: its ids, its recent history and who is listening."""
+
+    def __init__(self, history_size):
+        self.stream_id = uuid.uuid4().hex  # new at every start: ids begin again at 1
+        self.history = collections.deque(maxlen=history_size)
+        self.last_id = 0
+        self.clients = 0
+        self.last_client_left = time.monotonic()
+        self.producer = None  # the running background task, or None
+        self.stopping = False
+        # Held while a broadcast goes out and while a new client is sent its
+        # history, so that a client never misses nor repeats a broadcast in between.
+        self.lock = threading.Lock()
+
+    def record(self, number):
+        """Give a new number the next id and keep it in the history; return the message."""
+        self.last_id += 1
+        message = {
+            "number": number,
+            "id": self.last_id,
+            "time": time.time(),
+            "stream": self.stream_id,
+        }
+        self.history.append(message)
+        return message
+
+    def missed_since(self, auth):
+        """Return the history a connecting client has not seen yet, oldest first.
+
+        ``auth`` is what the client sent when it connected: ``{"last_id": N}``,
+        optionally with the ``"stream"`` N came from. Anything else, a ``last_id``
+        from another stream or one this stream has not reached, means "send it all".
+        """
+        last_id = auth.get("last_id") if isinstance(auth, dict) else None
+        stream = auth.get("stream", self.stream_id) if isinstance(auth, dict) else None
+        if (
+            type(last_id) is not int  # bool is an int subclass; it is not an id
+            or not 0 <= last_id <= self.last_id
+            or stream != self.stream_id
+        ):
+            last_id = 0
+        return [message for message in self.history if message["id"] > last_id]
+
+    def stop(self):
+        """Keep the producer from starting again, and stop it at its next tick."""
+        with self.lock:
+            self.stopping = True
+
+    def status(self):
+        """Describe the feed for the health check."""
+        return {
+            "status": "ok",
+            "clients": self.clients,
+            "last_id": self.last_id,
+            "stream": self.stream_id,
+            "producer_running": self.producer is not None,
+        }
+
+
+def produce_numbers(feed, interval, grace_period):
+    """Broadcast a new number every ``interval`` seconds while anyone listens."""
+    logger.info("Producer started")
+    next_tick = time.monotonic()
+    while True:
+        # Sleep until a fixed tick rather than for a fixed time, so that the time
+        # a broadcast takes does not add up into drift.
+        next_tick += interval
+        delay = next_tick - time.monotonic()
+        if delay > 0:
+            socketio.sleep(delay)
+        else:
+            next_tick = time.monotonic()  # fell behind: carry on, do not burst
+        with feed.lock:
+            idle = time.monotonic() - feed.last_client_left
+            if feed.stopping or (feed.clients == 0 and idle >= grace_period):
+                feed.producer = None
+                logger.info("Producer stopped")
+                return
+        try:
+            number = next_number()
+        except Exception:
+            logger.exception("next_number() failed; skipping this broadcast")
+            continue
+        broadcast(feed, number)
+
+
+def broadcast(feed, number):
+    """Record a number in the feed and send it to every live client."""
+    with feed.lock:
+        message = feed.record(number)
+        socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM)
+    return message
+
+
+def current_feed():
+    """Return the feed of the app that is handling this request."""
+    return current_app.extensions["number_feed"]
+
+
+@socketio.on("connect", namespace=NAMESPACE)
+def on_connect(auth):
+    """A browser connects: send it the history it missed, then add it to the live feed.
+
+    The client may send ``{"last_id": N, "stream": S}`` as auth data when it
+    reconnects; it then gets only the broadcasts after N. The first client to
+    connect starts the producer.
+    """
+    feed = current_feed()
+    with feed.lock:
+        for message in feed.missed_since(auth):
+            emit(EVENT, message)
+        join_room(LIVE_ROOM)
+        feed.clients += 1
+        if feed.producer is None and not feed.stopping:
+            feed.producer = socketio.start_background_task(
+                produce_numbers,
+                feed,
+                current_app.config["INTERVAL"],
+                current_app.config["GRACE_PERIOD"],
+            )
+
+
+@socketio.on("disconnect", namespace=NAMESPACE)
+def on_disconnect(reason=None):
+    """A browser leaves; the producer stops once nobody has listened for a grace period."""
+    feed = current_feed()
+    with feed.lock:
+        feed.clients -= 1
+        if feed.clients == 0:
+            feed.last_client_left = time.monotonic()
+
+
+@socketio.on_error(NAMESPACE)
+def on_error(error):
+    """Log a failing handler in one line; the stream carries on for everyone else."""
+    logger.warning("Socket.IO handler failed for %s: %r", request.sid, error)
+
+
+def load_settings(environ):
+    """Return the default settings, each overridden by its environment variable."""
+    settings = {}
+    for name, default in DEFAULT_SETTINGS.items():
+        value = environ.get(name)
+        settings[name] = default if value is None else type(default)(value)
+    return settings
+
+
+def allowed_origins(setting):
+    """Translate ALLOWED_ORIGINS into what Flask-SocketIO expects."""
+    if not setting:
+        return None  # None means same origin only
+    if setting == "*":
+        return "*"
+    return [origin.strip() for origin in setting.split(",") if origin.strip()]
+
+
+def create_app(test_config=None):
+    """Create the Flask app: settings from the code, then the environment, then ``test_config``."""
+    app = Flask(__name__)
+    app.config.from_mapping(load_settings(os.environ))
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    if not app.config["SECRET_KEY"]:
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+        logger.info("SECRET_KEY is not set: using a random key for this run")
+
+    app.extensions["number_feed"] = NumberFeed(app.config["HISTORY_SIZE"])
+    socketio.init_app(
+        app,
+        async_mode=app.config["ASYNC_MODE"],
+        cors_allowed_origins=allowed_origins(app.config["ALLOWED_ORIGINS"]),
+    )
+
+    @app.get("/")
+    def index():
+        """Serve the page that shows the numbers."""
+        return render_template(
+            "index.html", namespace=NAMESPACE, event=EVENT, history_size=app.config["HISTORY_SIZE"]
+        )
+
+    @app.get("/healthz")
+    def healthz():
+        """Report whether the stream is alive, for load balancers and monitoring."""
+        return jsonify(current_feed().status())
+
+    return app
+
+
+def main():
+    """Run the server from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
+    parser.add_argument("--debug", action="store_true", help="debug mode with the reloader")
+    args = parser.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        # The development server logs every request, and a line of garbage after
+        # each WebSocket closes: a log any client could flood.
+        logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
+    app = create_app()
+    logger.info("Serving on http://%s:%d (%s mode)", args.host, args.port, socketio.async_mode)
+    # allow_unsafe_werkzeug: the development server also runs with no terminal
+    # attached (containers, service managers, CI). Use gunicorn in production.
+    # Stop on SIGTERM (service managers, containers) as cleanly as on Ctrl+C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        socketio.run(
+            app,
+            host=args.host,
+            port=args.port,
+            debug=args.debug,
+            use_reloader=args.debug,
+            log_output=args.debug,
+            allow_unsafe_werkzeug=True,
+        )
+    except KeyboardInterrupt:
+        pass  # the development server swallows Ctrl+C itself; gevent's does not
+    logger.info("Stopped")
+
+
+if __name__ == "__main__":
+    main()

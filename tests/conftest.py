@@ -1,0 +1,116 @@
+"""Fixtures: a fresh app per test for the handler tests, and the real server in a subprocess."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from application import create_app, socketio
+from support import NAMESPACE, wait_until
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def app():
+    """A fresh app whose producer only broadcasts when a test asks it to (its interval is long)."""
+    app = create_app({"TESTING": True, "SECRET_KEY": "test", "INTERVAL": 3600.0})
+    yield app
+    app.extensions["number_feed"].stop()
+
+
+@pytest.fixture
+def feed(app):
+    return app.extensions["number_feed"]
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def socketio_client(app):
+    """A Flask-SocketIO test client connected to the /test namespace."""
+    test_client = socketio.test_client(app, namespace=NAMESPACE)
+    yield test_client
+    if test_client.is_connected(NAMESPACE):
+        test_client.disconnect(NAMESPACE)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """The real server, ``python application.py``, in a subprocess on a free port."""
+
+    def __init__(self, log_dir, env=None, command=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        command = command or [sys.executable, "application.py", "--port", "{port}"]
+        self.command = [part.format(port=self.port) for part in command]
+        # Find programs such as gunicorn in this Python's environment, activated or not.
+        self.command[0] = shutil.which(self.command[0], path=Path(sys.executable).parent) or self.command[0]
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self.process = None
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=PROJECT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until(self._ready, timeout=20, message=f"server on {self.url}")
+        return self
+
+    def _ready(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def health(self):
+        response = requests.get(self.url + "/healthz", timeout=5)
+        assert response.status_code == 200
+        return response.json()
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Send ``sig`` and return the exit code (killing the server if it does not exit)."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"server did not stop within {timeout} s after {sig!r}")
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """Start the real server (call it with settings as environment variables); stop it after the test."""
+    servers = []
+
+    def start(command=None, **env):
+        """``command`` is a list of arguments in which "{port}" stands for the server's port."""
+        server = LiveServer(tmp_path, {key: str(value) for key, value in env.items()}, command)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

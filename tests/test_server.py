@@ -1,0 +1,154 @@
+"""Tests against the real server in a subprocess, with the real python-socketio client over WebSockets."""
+import signal
+import threading
+import time
+
+import pytest
+import socketio
+
+from support import Listener, assert_consecutive, disconnect_all, wait_until
+
+@pytest.mark.parametrize("async_mode", ["threading", "gevent"])
+def test_burst_of_connects_starts_one_producer_on_a_fixed_schedule(live_server, async_mode):
+    interval = 0.1
+    server = live_server(ASYNC_MODE=async_mode, INTERVAL=interval)
+    listeners = [Listener(server.url) for _ in range(200)]
+    start_together = threading.Barrier(len(listeners))
+    errors = []
+
+    def connect(listener):
+        try:
+            start_together.wait()
+            listener.connect(wait_timeout=30)
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=connect, args=(listener,)) for listener in listeners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    try:
+        wait_until(lambda: server.health()["clients"] == 200, message="200 clients")
+        first_common_id = server.health()["last_id"] + 1
+        last_common_id = first_common_id + 29
+        wait_until(
+            lambda: all(last_common_id in listener.ids() for listener in listeners),
+            timeout=20,
+            message="30 broadcasts at every client",
+        )
+        assert server.log().count("Producer started") == 1
+
+        # Everyone saw the same broadcasts, each once and in order.
+        reference = None
+        for listener in listeners:
+            assert_consecutive(listener.ids())
+            common = [m for m in listener.messages if first_common_id <= m["id"] <= last_common_id]
+            if reference is None:
+                reference = common
+            assert common == reference
+
+        # The schedule is fixed: broadcast n goes out at start + n * interval, so
+        # lateness does not grow however long each emit to 200 clients takes.
+        start = reference[0]["time"]
+        lateness = [m["time"] - (start + i * interval) for i, m in enumerate(reference)]
+        assert sorted(lateness[-10:])[5] < 0.03, lateness
+    finally:
+        disconnect_all(listeners)
+
+
+def test_late_joiner_gets_history_then_live(live_server):
+    server = live_server(INTERVAL=0.05)
+    first = Listener(server.url).connect()
+    wait_until(lambda: server.health()["last_id"] >= 15, message="15 broadcasts")
+    late = Listener(server.url).connect()
+    messages = late.wait_for_count(15)
+    first.disconnect()
+    late.disconnect()
+    ids = [message["id"] for message in messages]
+    assert_consecutive(ids)
+    # History arrives at once: the ten before the first live one are older than the connect.
+    assert len(ids) >= 15 and ids[0] >= 6
+
+
+def test_resume_gets_exactly_the_missed_broadcasts(live_server):
+    # A wide history window: what the client misses while away must still be in it.
+    server = live_server(INTERVAL=0.05, HISTORY_SIZE=1000)
+    listener = Listener(server.url).connect()
+    listener.wait_for_count(3)
+    listener.disconnect()
+    last_seen = listener.messages[-1]
+    wait_until(lambda: server.health()["last_id"] >= last_seen["id"] + 4, message="four more broadcasts")
+
+    auth = {"last_id": last_seen["id"], "stream": last_seen["stream"]}
+    resumed = Listener(server.url, auth=auth).connect()
+    messages = resumed.wait_for_count(6)
+    resumed.disconnect()
+    ids = [message["id"] for message in messages]
+    assert ids[0] == last_seen["id"] + 1
+    assert_consecutive(ids)
+
+
+def test_restart_changes_the_stream_id(live_server):
+    server = live_server(INTERVAL=0.05)
+    listener = Listener(server.url).connect()
+    before = listener.wait_for_count(5)[-1]
+    listener.disconnect()
+    assert server.stop() == 0
+
+    server.start()
+    auth = {"last_id": before["id"], "stream": before["stream"]}
+    resumed = Listener(server.url, auth=auth).connect()
+    after = resumed.wait_for_count(3)
+    resumed.disconnect()
+    assert after[0]["stream"] != before["stream"]
+    assert after[0]["stream"] == server.health()["stream"]
+    assert after[0]["id"] == 1  # a new stream starts again, and the old last_id is ignored
+
+
+def test_cross_origin_connection_is_refused(live_server):
+    server = live_server()
+    intruder = Listener(server.url, origin="http://evil.example")
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        intruder.connect()
+    assert server.health()["clients"] == 0
+
+    same_origin = Listener(server.url, origin=server.url).connect()
+    wait_until(lambda: server.health()["clients"] == 1, message="same-origin client")
+    same_origin.disconnect()
+
+
+def test_allowed_origins_are_configurable(live_server):
+    server = live_server(ALLOWED_ORIGINS="https://app.example, https://other.example")
+    friend = Listener(server.url, origin="https://other.example").connect()
+    wait_until(lambda: server.health()["clients"] == 1, message="listed origin")
+    friend.disconnect()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        Listener(server.url, origin="http://evil.example").connect()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stops_promptly_with_clients_connected(live_server, sig):
+    server = live_server(INTERVAL=0.05)
+    listeners = [Listener(server.url).connect() for _ in range(5)]
+    for listener in listeners:
+        listener.wait_for_count(2)
+    started = time.monotonic()
+    assert server.stop(sig, timeout=5) == 0
+    assert time.monotonic() - started < 2
+    assert "Stopped" in server.log()
+    wait_until(lambda: not any(listener.client.connected for listener in listeners), message="clients to notice")
+
+
+def test_listens_on_localhost_only_by_default(live_server):
+    server = live_server()
+    assert f"Serving on http://127.0.0.1:{server.port}" in server.log()
+
+
+def test_gunicorn_command_from_the_readme(live_server):
+    command = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
+    gunicorn = live_server(command=command.split())
+    listener = Listener(gunicorn.url).connect()
+    assert_consecutive([message["id"] for message in listener.wait_for_count(2)])
+    listener.disconnect()
