@@ -152,3 +152,12 @@ def test_gunicorn_command_from_the_readme(live_server):
     listener = Listener(gunicorn.url).connect()
     assert_consecutive([message["id"] for message in listener.wait_for_count(2)])
     listener.disconnect()
+
+
+def test_a_test_number_source_replaces_next_number(live_server):
+    command = ["python", "tests/serve_with_source.py", "sources:markup", "--port", "{port}"]
+    server = live_server(command=command)
+    listener = Listener(server.url).connect()
+    (message, *_) = listener.wait_for_count(1)
+    listener.disconnect()
+    assert message["number"] == '<img src="x" onerror="window.injected = true">'
