@@ -137,6 +137,21 @@ def browser():
         chromium.close()
 
 
+@pytest.fixture(scope="module")
+def module_live_server(tmp_path_factory):
+    """Like ``live_server``, but its servers run until the end of the test module, for tests that share one."""
+    servers = []
+
+    def start(**env):
+        server = LiveServer(tmp_path_factory.mktemp("server"), {key: str(value) for key, value in env.items()})
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 class BrowserTab:
     """A page in the browser that keeps every URL it requested and every error it logged."""
 
@@ -155,11 +170,16 @@ class BrowserTab:
 
 @pytest.fixture
 def open_tab(browser):
-    """Open tabs (call it with a URL) in a fresh browser context that is closed after the test."""
+    """Open tabs (call it with a URL) in a fresh browser context that is closed after the test.
+
+    ``init_script`` is JavaScript that runs in the tab before the page's own scripts.
+    """
     context = browser.new_context()
 
-    def open_tab(url):
+    def open_tab(url, init_script=None):
         tab = BrowserTab(context.new_page())
+        if init_script:
+            tab.page.add_init_script(init_script)
         tab.page.goto(url)
         return tab
 
