@@ -31,7 +31,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 800, "height": 560}
-LIST_IS_FULL = "document.querySelectorAll('#numbers li').length == document.getElementById('feed').dataset.historySize"
+LIST_IS_FULL = (
+    "document.querySelectorAll('#numbers li').length == "
+    "document.getElementById('feed').dataset.historySize"
+)
 
 
 def launch_chromium(playwright):
@@ -55,7 +58,10 @@ def take_screenshot(url, path):
 def start_server(port):
     """Start ``python application.py`` on ``port`` and wait until it answers."""
     server = subprocess.Popen(
-        [sys.executable, "application.py", "--port", str(port)], cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "application.py", "--port", str(port)],
+        cwd=PROJECT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 20
     while True:

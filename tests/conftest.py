@@ -139,11 +139,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def module_live_server(tmp_path_factory):
-    """Like ``live_server``, but its servers run until the end of the test module, for tests that share one."""
+    """Like ``live_server``, but its servers run until the end of the module, for tests that share one."""
     servers = []
 
     def start(**env):
-        server = LiveServer(tmp_path_factory.mktemp("server"), {key: str(value) for key, value in env.items()})
+        settings = {key: str(value) for key, value in env.items()}
+        server = LiveServer(tmp_path_factory.mktemp("server"), settings)
         servers.append(server)
         return server.start()
 
@@ -153,13 +154,14 @@ def module_live_server(tmp_path_factory):
 
 
 class BrowserTab:
-    """A page in the browser that keeps every URL it requested and every error it logged."""
+    """A page in the browser that keeps every URL it requested (WebSockets too) and every error it logged."""
 
     def __init__(self, page):
         self.page = page
         self.requests = []
         self.errors = []
         page.on("request", lambda request: self.requests.append(request.url))
+        page.on("websocket", lambda websocket: self.requests.append(websocket.url))
         page.on("console", self._console)
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
 
