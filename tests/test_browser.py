@@ -30,6 +30,21 @@ LIST_AND_BARS = """() => {
 }"""
 
 
+# Note each number added to the list, its id and when (in seconds), from before the page's own scripts run.
+RECORD_ADDITIONS = """
+window.additions = [];
+new MutationObserver(function (changes) {
+  for (const change of changes) {
+    for (const node of change.addedNodes) {
+      if (node.matches && node.matches('#numbers > li')) {
+        additions.push({ id: Number(node.dataset.id), time: performance.now() / 1000 });
+      }
+    }
+  }
+}).observe(document, { childList: true, subtree: true });
+"""
+
+
 def shown(tab):
     """Return the page's list, newest first, as (id, text) pairs."""
     return [tuple(item) for item in tab.page.evaluate(SHOWN)]
@@ -121,26 +136,15 @@ def test_page_stays_on_its_origin_and_logs_no_error(watched_stream, open_tab):
     assert tab.errors == []
 
 
-# Note when each number is added to the list (in seconds), from before the page's own scripts run.
-RECORD_ADDITIONS = """
-window.additions = [];
-new MutationObserver(function (changes) {
-  for (const change of changes) {
-    for (const node of change.addedNodes) {
-      if (node.matches && node.matches('#numbers > li')) { additions.push(performance.now() / 1000); }
-    }
-  }
-}).observe(document, { childList: true, subtree: true });
-"""
 
 
 def test_late_page_shows_the_full_history_at_once(watched_stream, open_tab):
     server, listener = watched_stream
     tab = open_tab(server.url, init_script=RECORD_ADDITIONS)
     wait_for_same_numbers(tab, listener)
-    additions = tab.page.evaluate("additions")
+    times = [addition["time"] for addition in tab.page.evaluate("additions")]
     # Ten live broadcasts would take nine intervals to arrive; the history comes in one burst.
-    assert additions[HISTORY_SIZE - 1] - additions[0] < 3 * INTERVAL, additions
+    assert times[HISTORY_SIZE - 1] - times[0] < 3 * INTERVAL, times
 
 
 def test_page_reconnects_after_a_server_restart(live_server, open_tab):
@@ -162,7 +166,7 @@ def test_page_reconnects_after_a_server_restart(live_server, open_tab):
 def test_page_resumes_after_a_network_drop_without_gap_or_duplicate(live_server, open_tab):
     # A history (and so a list) long enough to hold the whole test's stream, gaps included.
     server, listener = server_with_history(live_server, HISTORY_SIZE=100)
-    tab = open_tab(server.url)
+    tab = open_tab(server.url, init_script=RECORD_ADDITIONS)
     wait_for_same_numbers(tab, listener)
 
     tab.page.context.set_offline(True)
@@ -176,6 +180,9 @@ def test_page_resumes_after_a_network_drop_without_gap_or_duplicate(live_server,
     # The whole stream, from id 1, each once and in order: what it missed was filled in.
     ids = wait_for_same_numbers(tab, listener, at_least=last_id_offline + 4)
     assert ids[-1] == 1
+    # And it never showed a number twice, not even for a moment.
+    added = [addition["id"] for addition in tab.page.evaluate("additions")]
+    assert_consecutive(added)
 
 
 def test_data_that_looks_like_markup_is_shown_as_text(live_server, open_tab):
