@@ -114,3 +114,76 @@ def live_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+# --- Browser fixtures: the distribution's Chromium, driven by Playwright (tests/test_browser.py) ---
+
+from playwright.sync_api import sync_playwright  # noqa: E402  (kept with the fixtures that use it)
+
+from scripts.screenshot import CHROMIUM, launch_chromium  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for a whole test module; skipped (failed under CI=true) if it is missing."""
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: apt-get install chromium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def module_live_server(tmp_path_factory):
+    """Like ``live_server``, but its servers run until the end of the module, for tests that share one."""
+    servers = []
+
+    def start(**env):
+        settings = {key: str(value) for key, value in env.items()}
+        server = LiveServer(tmp_path_factory.mktemp("server"), settings)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class BrowserTab:
+    """A page in the browser that keeps every URL it requested (WebSockets too) and every error it logged."""
+
+    def __init__(self, page):
+        self.page = page
+        self.requests = []
+        self.errors = []
+        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("websocket", lambda websocket: self.requests.append(websocket.url))
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+
+    def _console(self, message):
+        if message.type == "error":
+            self.errors.append(f"console: {message.text}")
+
+
+@pytest.fixture
+def open_tab(browser):
+    """Open tabs (call it with a URL) in a fresh browser context that is closed after the test.
+
+    ``init_script`` is JavaScript that runs in the tab before the page's own scripts.
+    """
+    context = browser.new_context()
+
+    def open_tab(url, init_script=None):
+        tab = BrowserTab(context.new_page())
+        if init_script:
+            tab.page.add_init_script(init_script)
+        tab.page.goto(url)
+        return tab
+
+    yield open_tab
+    context.close()
