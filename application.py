@@ -1,4 +1,4 @@
-"""Server push with Flask-SocketIO: a new random number every second, live in every browser.
+"""Server push in Flask: a new random number every second, live in every browser.
 
 Run it with ``python application.py`` and open http://localhost:5000.
 
@@ -10,6 +10,8 @@ How it works, top to bottom:
    and stops again once nobody has been listening for a while.
 3. A ``NumberFeed`` keeps the ids and the last few broadcasts, so that a browser
    that connects (or reconnects) is sent what it missed before it joins the live feed.
+4. The same feed goes out three ways: Socket.IO (``/test``), Server-Sent Events
+   (``GET /stream``, see ``sse.py``) and a streamed page without JavaScript (``/plain``).
 """
 import os
 
@@ -21,6 +23,7 @@ if os.environ.get("ASYNC_MODE") == "gevent":
 
 import argparse
 import collections
+import json
 import logging
 import random
 import secrets
@@ -29,8 +32,21 @@ import threading
 import time
 import uuid
 
-from flask import Flask, current_app, jsonify, render_template, request
+from flask import (
+    Flask,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    render_template,
+    request,
+    stream_template,
+    stream_with_context,
+)
+from flask_cors import CORS
 from flask_socketio import SocketIO, emit, join_room
+
+import sse
 
 NAMESPACE = "/test"
 EVENT = "newnumber"
@@ -44,6 +60,8 @@ DEFAULT_SETTINGS = {
     "HISTORY_SIZE": 10,  # broadcasts kept for clients that connect or reconnect
     "GRACE_PERIOD": 5.0,  # seconds the producer keeps going after the last client leaves
     "ASYNC_MODE": "threading",  # or "gevent" (pip install gevent)
+    "HEARTBEAT": 15.0,  # seconds of silence after which /stream sends a comment
+    "PLAIN_PAGE_SECONDS": 300.0,  # how long /plain keeps streaming before it asks for a reload
 }
 
 logger = logging.getLogger("application")
@@ -62,7 +80,8 @@ class NumberFeed:
         self.stream_id = uuid.uuid4().hex  # new at every start: ids begin again at 1
         self.history = collections.deque(maxlen=history_size)
         self.last_id = 0
-        self.clients = 0
+        self.clients = 0  # listeners of every transport
+        self.subscribers = set()  # the streaming (SSE and /plain) clients' sse.Subscriber
         self.last_client_left = time.monotonic()
         self.producer = None  # the running background task, or None
         self.stopping = False
@@ -143,11 +162,42 @@ def produce_numbers(feed, interval, grace_period):
 
 
 def broadcast(feed, number):
-    """Record a number in the feed and send it to every live client."""
+    """Record a number in the feed and send it to every live client of every transport."""
     with feed.lock:
         message = feed.record(number)
         socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM)
+        for subscriber in list(feed.subscribers):
+            if not subscriber.offer(message):
+                logger.warning("Dropped a streaming client %d broadcasts behind", sse.QUEUE_SIZE)
+                feed.subscribers.remove(subscriber)
+                remove_listener(feed)
+                subscriber.drop()
     return message
+
+
+def add_listener(feed):
+    """Count a new listener of either transport; the first one starts the producer.
+
+    Call it with ``feed.lock`` held, once the listener has its history.
+    """
+    feed.clients += 1
+    if feed.producer is None and not feed.stopping:
+        feed.producer = socketio.start_background_task(
+            produce_numbers,
+            feed,
+            current_app.config["INTERVAL"],
+            current_app.config["GRACE_PERIOD"],
+        )
+
+
+def remove_listener(feed):
+    """Count a listener out; the producer stops once nobody has listened for a grace period.
+
+    Call it with ``feed.lock`` held.
+    """
+    feed.clients -= 1
+    if feed.clients == 0:
+        feed.last_client_left = time.monotonic()
 
 
 def current_feed():
@@ -168,14 +218,7 @@ def on_connect(auth):
         for message in feed.missed_since(auth):
             emit(EVENT, message)
         join_room(LIVE_ROOM)
-        feed.clients += 1
-        if feed.producer is None and not feed.stopping:
-            feed.producer = socketio.start_background_task(
-                produce_numbers,
-                feed,
-                current_app.config["INTERVAL"],
-                current_app.config["GRACE_PERIOD"],
-            )
+        add_listener(feed)
 
 
 @socketio.on("disconnect", namespace=NAMESPACE)
@@ -183,15 +226,67 @@ def on_disconnect(reason=None):
     """A browser leaves; the producer stops once nobody has listened for a grace period."""
     feed = current_feed()
     with feed.lock:
-        feed.clients -= 1
-        if feed.clients == 0:
-            feed.last_client_left = time.monotonic()
+        remove_listener(feed)
 
 
 @socketio.on_error(NAMESPACE)
 def on_error(error):
     """Log a failing handler in one line; the stream carries on for everyone else."""
     logger.warning("Socket.IO handler failed for %s: %r", request.sid, error)
+
+
+def listen(feed, last_id, until=None):
+    """Yield what a streaming client missed since ``last_id``, then each broadcast as it goes out.
+
+    Yields None after each ``HEARTBEAT`` seconds of silence, and stops when the
+    client leaves or at the monotonic time ``until``. Close the generator when
+    the response ends: the client counts as a listener until then.
+    """
+    subscriber = sse.Subscriber(request.environ)
+    with feed.lock:
+        missed = feed.missed_since({"last_id": last_id})
+        feed.subscribers.add(subscriber)
+        add_listener(feed)
+    try:
+        yield from missed
+        yield from subscriber.messages(current_app.config["HEARTBEAT"], until)
+    finally:
+        with feed.lock:
+            if subscriber in feed.subscribers:  # not dropped already by broadcast()
+                feed.subscribers.remove(subscriber)
+                remove_listener(feed)
+
+
+def event_stream(messages):
+    """Frame messages from ``listen()`` as Server-Sent Events, after a reconnection hint."""
+    yield sse.retry_hint()
+    for message in messages:
+        if message is None:
+            yield sse.KEEP_ALIVE
+        else:
+            data = json.dumps(message, ensure_ascii=False)
+            yield sse.frame_event(data, event=EVENT, event_id=message["id"])
+
+
+def requested_last_id():
+    """Return the Last-Event-ID header (sent on reconnect), else the ``last_id`` parameter, else None."""
+    value = request.headers.get("Last-Event-ID", request.args.get("last_id"))
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        logger.info("Ignored a last id that is not an id: %r", value[:40])
+        return None
+    return int(value)
+
+
+def refuse_other_origins():
+    """Answer 403 to a request from a page of another origin that ALLOWED_ORIGINS does not list."""
+    origin = request.headers.get("Origin")
+    allowed = allowed_origins(current_app.config["ALLOWED_ORIGINS"])
+    if origin is None or origin == request.host_url.rstrip("/") or allowed == "*" or origin in (allowed or []):
+        return
+    logger.warning("Refused %s to origin %r", request.path, origin[:100])
+    abort(403)
 
 
 def load_settings(environ):
@@ -204,7 +299,7 @@ def load_settings(environ):
 
 
 def allowed_origins(setting):
-    """Translate ALLOWED_ORIGINS into what Flask-SocketIO expects."""
+    """Translate ALLOWED_ORIGINS into what Flask-SocketIO and Flask-CORS expect."""
     if not setting:
         return None  # None means same origin only
     if setting == "*":
@@ -223,11 +318,10 @@ def create_app(test_config=None):
         logger.info("SECRET_KEY is not set: using a random key for this run")
 
     app.extensions["number_feed"] = NumberFeed(app.config["HISTORY_SIZE"])
-    socketio.init_app(
-        app,
-        async_mode=app.config["ASYNC_MODE"],
-        cors_allowed_origins=allowed_origins(app.config["ALLOWED_ORIGINS"]),
-    )
+    origins = allowed_origins(app.config["ALLOWED_ORIGINS"])
+    socketio.init_app(app, async_mode=app.config["ASYNC_MODE"], cors_allowed_origins=origins)
+    if origins is not None:
+        CORS(app, resources={"/stream": {"origins": origins}})
 
     @app.get("/")
     def index():
@@ -235,6 +329,29 @@ def create_app(test_config=None):
         return render_template(
             "index.html", namespace=NAMESPACE, event=EVENT, history_size=app.config["HISTORY_SIZE"]
         )
+
+    @app.get("/stream")
+    def stream():
+        """Send the numbers as Server-Sent Events: what the client missed, then each broadcast."""
+        refuse_other_origins()
+        messages = listen(current_feed(), requested_last_id())
+        response = Response(
+            stream_with_context(event_stream(messages)),
+            content_type=sse.CONTENT_TYPE,
+            headers=sse.STREAMING_HEADERS,
+        )
+        response.call_on_close(messages.close)
+        return response
+
+    @app.get("/plain")
+    def plain():
+        """Serve a page without JavaScript that shows the numbers as they arrive, for a while."""
+        seconds = app.config["PLAIN_PAGE_SECONDS"]
+        messages = listen(current_feed(), None, until=time.monotonic() + seconds)
+        page = stream_template("plain.html", messages=messages, minutes=f"{seconds / 60:g}")
+        response = Response(page, headers=sse.STREAMING_HEADERS)
+        response.call_on_close(messages.close)
+        return response
 
     @app.get("/healthz")
     def healthz():
