@@ -23,6 +23,7 @@ if os.environ.get("ASYNC_MODE") == "gevent":
 
 import argparse
 import collections
+import itertools
 import json
 import logging
 import random
@@ -41,7 +42,6 @@ from flask import (
     render_template,
     request,
     stream_template,
-    stream_with_context,
 )
 from flask_cors import CORS
 from flask_socketio import SocketIO, emit, join_room
@@ -235,30 +235,35 @@ def on_error(error):
     logger.warning("Socket.IO handler failed for %s: %r", request.sid, error)
 
 
-def listen(feed, last_id, until=None):
-    """Yield what a streaming client missed since ``last_id``, then each broadcast as it goes out.
-
-    Yields None after each ``HEARTBEAT`` seconds of silence, and stops when the
-    client leaves or at the monotonic time ``until``. Close the generator when
-    the response ends: the client counts as a listener until then.
-    """
+def subscribe(feed, last_id):
+    """Add a streaming client to the feed; return its ``sse.Subscriber`` and the history it missed."""
     subscriber = sse.Subscriber(request.environ)
     with feed.lock:
         missed = feed.missed_since({"last_id": last_id})
         feed.subscribers.add(subscriber)
         add_listener(feed)
-    try:
-        yield from missed
-        yield from subscriber.messages(current_app.config["HEARTBEAT"], until)
-    finally:
-        with feed.lock:
-            if subscriber in feed.subscribers:  # not dropped already by broadcast()
-                feed.subscribers.remove(subscriber)
-                remove_listener(feed)
+    return subscriber, missed
+
+
+def unsubscribe(feed, subscriber):
+    """Let a streaming client go, unless broadcast() has dropped it already."""
+    with feed.lock:
+        if subscriber in feed.subscribers:
+            feed.subscribers.remove(subscriber)
+            remove_listener(feed)
+
+
+def streaming_response(body, feed, subscriber, **options):
+    """Wrap a streamed body in a response that lets the subscriber go when it ends."""
+    response = Response(body, headers=sse.STREAMING_HEADERS, **options)
+    # WSGI servers call this in a ``finally`` however the response ends: finished,
+    # client gone, write failed, or never started because the client left at once.
+    response.call_on_close(lambda: unsubscribe(feed, subscriber))
+    return response
 
 
 def event_stream(messages):
-    """Frame messages from ``listen()`` as Server-Sent Events, after a reconnection hint."""
+    """Frame messages as Server-Sent Events, after a reconnection hint; None is a heartbeat."""
     yield sse.retry_hint()
     for message in messages:
         if message is None:
@@ -274,7 +279,7 @@ def requested_last_id():
     if value is None:
         return None
     if not (value.isascii() and value.isdigit() and len(value) <= 18):
-        logger.info("Ignored a last id that is not an id: %r", value[:40])
+        logger.warning("Ignored a last id that is not an id: %r", value[:40])
         return None
     return int(value)
 
@@ -334,24 +339,20 @@ def create_app(test_config=None):
     def stream():
         """Send the numbers as Server-Sent Events: what the client missed, then each broadcast."""
         refuse_other_origins()
-        messages = listen(current_feed(), requested_last_id())
-        response = Response(
-            stream_with_context(event_stream(messages)),
-            content_type=sse.CONTENT_TYPE,
-            headers=sse.STREAMING_HEADERS,
-        )
-        response.call_on_close(messages.close)
-        return response
+        feed = current_feed()
+        subscriber, missed = subscribe(feed, requested_last_id())
+        messages = itertools.chain(missed, subscriber.messages(app.config["HEARTBEAT"]))
+        return streaming_response(event_stream(messages), feed, subscriber, content_type=sse.CONTENT_TYPE)
 
     @app.get("/plain")
     def plain():
         """Serve a page without JavaScript that shows the numbers as they arrive, for a while."""
+        feed = current_feed()
+        subscriber, missed = subscribe(feed, None)
         seconds = app.config["PLAIN_PAGE_SECONDS"]
-        messages = listen(current_feed(), None, until=time.monotonic() + seconds)
-        page = stream_template("plain.html", messages=messages, minutes=f"{seconds / 60:g}")
-        response = Response(page, headers=sse.STREAMING_HEADERS)
-        response.call_on_close(messages.close)
-        return response
+        live = subscriber.messages(app.config["HEARTBEAT"], until=time.monotonic() + seconds)
+        page = stream_template("plain.html", messages=itertools.chain(missed, live), minutes=f"{seconds / 60:g}")
+        return streaming_response(page, feed, subscriber)
 
     @app.get("/healthz")
     def healthz():
