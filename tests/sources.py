@@ -17,5 +17,5 @@ def unicode():
 
 
 def large():
-    """Return 100 kB, so that a client that stops reading fills its connection's buffers at once."""
-    return "x" * 100_000
+    """Return 30 kB, so that a client that stops reading fills its connection's buffers at once."""
+    return "x" * 30_000
