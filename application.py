@@ -288,7 +288,8 @@ def refuse_other_origins():
     """Answer 403 to a request from a page of another origin that ALLOWED_ORIGINS does not list."""
     origin = request.headers.get("Origin")
     allowed = allowed_origins(current_app.config["ALLOWED_ORIGINS"])
-    if origin is None or origin == request.host_url.rstrip("/") or allowed == "*" or origin in (allowed or []):
+    own_origin = request.host_url.rstrip("/")
+    if origin is None or origin == own_origin or allowed == "*" or origin in (allowed or []):
         return
     logger.warning("Refused %s to origin %r", request.path, origin[:100])
     abort(403)
@@ -351,7 +352,8 @@ def create_app(test_config=None):
         subscriber, missed = subscribe(feed, None)
         seconds = app.config["PLAIN_PAGE_SECONDS"]
         live = subscriber.messages(app.config["HEARTBEAT"], until=time.monotonic() + seconds)
-        page = stream_template("plain.html", messages=itertools.chain(missed, live), minutes=f"{seconds / 60:g}")
+        messages = itertools.chain(missed, live)
+        page = stream_template("plain.html", messages=messages, minutes=f"{seconds / 60:g}")
         return streaming_response(page, feed, subscriber)
 
     @app.get("/healthz")

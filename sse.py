@@ -59,7 +59,11 @@ def client_socket(environ):
         # gevent's server does not put the socket in the environ; it is behind
         # the request body's file, as simple-websocket (a dependency) also finds it.
         body = getattr(environ["wsgi.input"], "rfile", environ["wsgi.input"])
-        return getattr(getattr(body, "raw", None), "_sock", None)
+        gevent_socket = getattr(getattr(body, "raw", None), "_sock", None)
+        # Take the operating system's socket under gevent's: shutting that one down
+        # fails a write waiting on it with EPIPE, which gevent's server ignores;
+        # gevent's own shutdown() fails it with EBADF, which it logs with a traceback.
+        return getattr(gevent_socket, "_sock", None)
     return None
 
 
