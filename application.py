@@ -1,4 +1,4 @@
-"""Server push with Flask-SocketIO: a new random number every second, live in every browser.
+"""Server push in Flask: a new random number every second, live in every browser.
 
 Run it with ``python application.py`` and open http://localhost:5000.
 
@@ -10,6 +10,8 @@ How it works, top to bottom:
    and stops again once nobody has been listening for a while.
 3. A ``NumberFeed`` keeps the ids and the last few broadcasts, so that a browser
    that connects (or reconnects) is sent what it missed before it joins the live feed.
+4. The same feed goes out three ways: Socket.IO (``/test``), Server-Sent Events
+   (``GET /stream``, see ``sse.py``) and a streamed page without JavaScript (``/plain``).
 """
 import os
 
@@ -21,6 +23,8 @@ if os.environ.get("ASYNC_MODE") == "gevent":
 
 import argparse
 import collections
+import itertools
+import json
 import logging
 import random
 import secrets
@@ -29,8 +33,20 @@ import threading
 import time
 import uuid
 
-from flask import Flask, current_app, jsonify, render_template, request
+from flask import (
+    Flask,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    render_template,
+    request,
+    stream_template,
+)
+from flask_cors import CORS
 from flask_socketio import SocketIO, emit, join_room
+
+import sse
 
 NAMESPACE = "/test"
 EVENT = "newnumber"
@@ -44,6 +60,8 @@ DEFAULT_SETTINGS = {
     "HISTORY_SIZE": 10,  # broadcasts kept for clients that connect or reconnect
     "GRACE_PERIOD": 5.0,  # seconds the producer keeps going after the last client leaves
     "ASYNC_MODE": "threading",  # or "gevent" (pip install gevent)
+    "HEARTBEAT": 15.0,  # seconds of silence after which /stream sends a comment
+    "PLAIN_PAGE_SECONDS": 300.0,  # how long /plain keeps streaming before it asks for a reload
 }
 
 logger = logging.getLogger("application")
@@ -62,7 +80,8 @@ class NumberFeed:
         self.stream_id = uuid.uuid4().hex  # new at every start: ids begin again at 1
         self.history = collections.deque(maxlen=history_size)
         self.last_id = 0
-        self.clients = 0
+        self.clients = 0  # listeners of every transport
+        self.subscribers = set()  # the streaming (SSE and /plain) clients' sse.Subscriber
         self.last_client_left = time.monotonic()
         self.producer = None  # the running background task, or None
         self.stopping = False
@@ -143,11 +162,42 @@ def produce_numbers(feed, interval, grace_period):
 
 
 def broadcast(feed, number):
-    """Record a number in the feed and send it to every live client."""
+    """Record a number in the feed and send it to every live client of every transport."""
     with feed.lock:
         message = feed.record(number)
         socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM)
+        for subscriber in list(feed.subscribers):
+            if not subscriber.offer(message):
+                logger.warning("Dropped a streaming client %d broadcasts behind", sse.QUEUE_SIZE)
+                feed.subscribers.remove(subscriber)
+                remove_listener(feed)
+                subscriber.drop()
     return message
+
+
+def add_listener(feed):
+    """Count a new listener of either transport; the first one starts the producer.
+
+    Call it with ``feed.lock`` held, once the listener has its history.
+    """
+    feed.clients += 1
+    if feed.producer is None and not feed.stopping:
+        feed.producer = socketio.start_background_task(
+            produce_numbers,
+            feed,
+            current_app.config["INTERVAL"],
+            current_app.config["GRACE_PERIOD"],
+        )
+
+
+def remove_listener(feed):
+    """Count a listener out; the producer stops once nobody has listened for a grace period.
+
+    Call it with ``feed.lock`` held.
+    """
+    feed.clients -= 1
+    if feed.clients == 0:
+        feed.last_client_left = time.monotonic()
 
 
 def current_feed():
@@ -168,14 +218,7 @@ def on_connect(auth):
         for message in feed.missed_since(auth):
             emit(EVENT, message)
         join_room(LIVE_ROOM)
-        feed.clients += 1
-        if feed.producer is None and not feed.stopping:
-            feed.producer = socketio.start_background_task(
-                produce_numbers,
-                feed,
-                current_app.config["INTERVAL"],
-                current_app.config["GRACE_PERIOD"],
-            )
+        add_listener(feed)
 
 
 @socketio.on("disconnect", namespace=NAMESPACE)
@@ -183,15 +226,73 @@ def on_disconnect(reason=None):
     """A browser leaves; the producer stops once nobody has listened for a grace period."""
     feed = current_feed()
     with feed.lock:
-        feed.clients -= 1
-        if feed.clients == 0:
-            feed.last_client_left = time.monotonic()
+        remove_listener(feed)
 
 
 @socketio.on_error(NAMESPACE)
 def on_error(error):
     """Log a failing handler in one line; the stream carries on for everyone else."""
     logger.warning("Socket.IO handler failed for %s: %r", request.sid, error)
+
+
+def subscribe(feed, last_id):
+    """Add a streaming client to the feed; return its ``sse.Subscriber`` and the history it missed."""
+    subscriber = sse.Subscriber(request.environ)
+    with feed.lock:
+        missed = feed.missed_since({"last_id": last_id})
+        feed.subscribers.add(subscriber)
+        add_listener(feed)
+    return subscriber, missed
+
+
+def unsubscribe(feed, subscriber):
+    """Let a streaming client go, unless broadcast() has dropped it already."""
+    with feed.lock:
+        if subscriber in feed.subscribers:
+            feed.subscribers.remove(subscriber)
+            remove_listener(feed)
+
+
+def streaming_response(body, feed, subscriber, **options):
+    """Wrap a streamed body in a response that lets the subscriber go when it ends."""
+    response = Response(body, headers=sse.STREAMING_HEADERS, **options)
+    # WSGI servers call this in a ``finally`` however the response ends: finished,
+    # client gone, write failed, or never started because the client left at once.
+    response.call_on_close(lambda: unsubscribe(feed, subscriber))
+    return response
+
+
+def event_stream(messages):
+    """Frame messages as Server-Sent Events, after a reconnection hint; None is a heartbeat."""
+    yield sse.retry_hint()
+    for message in messages:
+        if message is None:
+            yield sse.KEEP_ALIVE
+        else:
+            data = json.dumps(message, ensure_ascii=False)
+            yield sse.frame_event(data, event=EVENT, event_id=message["id"])
+
+
+def requested_last_id():
+    """Return the Last-Event-ID header (sent on reconnect), else the ``last_id`` parameter, else None."""
+    value = request.headers.get("Last-Event-ID", request.args.get("last_id"))
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        logger.warning("Ignored a last id that is not an id: %r", value[:40])
+        return None
+    return int(value)
+
+
+def refuse_other_origins():
+    """Answer 403 to a request from a page of another origin that ALLOWED_ORIGINS does not list."""
+    origin = request.headers.get("Origin")
+    allowed = allowed_origins(current_app.config["ALLOWED_ORIGINS"])
+    own_origin = request.host_url.rstrip("/")
+    if origin is None or origin == own_origin or allowed == "*" or origin in (allowed or []):
+        return
+    logger.warning("Refused %s to origin %r", request.path, origin[:100])
+    abort(403)
 
 
 def load_settings(environ):
@@ -204,7 +305,7 @@ def load_settings(environ):
 
 
 def allowed_origins(setting):
-    """Translate ALLOWED_ORIGINS into what Flask-SocketIO expects."""
+    """Translate ALLOWED_ORIGINS into what Flask-SocketIO and Flask-CORS expect."""
     if not setting:
         return None  # None means same origin only
     if setting == "*":
@@ -223,11 +324,10 @@ def create_app(test_config=None):
         logger.info("SECRET_KEY is not set: using a random key for this run")
 
     app.extensions["number_feed"] = NumberFeed(app.config["HISTORY_SIZE"])
-    socketio.init_app(
-        app,
-        async_mode=app.config["ASYNC_MODE"],
-        cors_allowed_origins=allowed_origins(app.config["ALLOWED_ORIGINS"]),
-    )
+    origins = allowed_origins(app.config["ALLOWED_ORIGINS"])
+    socketio.init_app(app, async_mode=app.config["ASYNC_MODE"], cors_allowed_origins=origins)
+    if origins is not None:
+        CORS(app, resources={"/stream": {"origins": origins}})
 
     @app.get("/")
     def index():
@@ -235,6 +335,26 @@ def create_app(test_config=None):
         return render_template(
             "index.html", namespace=NAMESPACE, event=EVENT, history_size=app.config["HISTORY_SIZE"]
         )
+
+    @app.get("/stream")
+    def stream():
+        """Send the numbers as Server-Sent Events: what the client missed, then each broadcast."""
+        refuse_other_origins()
+        feed = current_feed()
+        subscriber, missed = subscribe(feed, requested_last_id())
+        messages = itertools.chain(missed, subscriber.messages(app.config["HEARTBEAT"]))
+        return streaming_response(event_stream(messages), feed, subscriber, content_type=sse.CONTENT_TYPE)
+
+    @app.get("/plain")
+    def plain():
+        """Serve a page without JavaScript that shows the numbers as they arrive, for a while."""
+        feed = current_feed()
+        subscriber, missed = subscribe(feed, None)
+        seconds = app.config["PLAIN_PAGE_SECONDS"]
+        live = subscriber.messages(app.config["HEARTBEAT"], until=time.monotonic() + seconds)
+        messages = itertools.chain(missed, live)
+        page = stream_template("plain.html", messages=messages, minutes=f"{seconds / 60:g}")
+        return streaming_response(page, feed, subscriber)
 
     @app.get("/healthz")
     def healthz():
