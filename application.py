@@ -11,7 +11,8 @@ How it works, top to bottom:
 3. A ``NumberFeed`` keeps the ids and the last few broadcasts, so that a browser
    that connects (or reconnects) is sent what it missed before it joins the live feed.
 4. The same feed goes out three ways: Socket.IO (``/test``), Server-Sent Events
-   (``GET /stream``, see ``sse.py``) and a streamed page without JavaScript (``/plain``).
+   (``GET /stream``, see ``sse.py``; the page reads it at ``/?transport=sse``) and a
+   streamed page without JavaScript (``/plain``).
 """
 import os
 
@@ -51,6 +52,7 @@ import sse
 NAMESPACE = "/test"
 EVENT = "newnumber"
 LIVE_ROOM = "live"  # clients that have been sent their history and now get every broadcast
+TRANSPORTS = ("socketio", "sse")  # how the page at / may receive the feed (?transport=), default first
 
 # Every setting can be overridden by an environment variable of the same name.
 DEFAULT_SETTINGS = {
@@ -331,9 +333,18 @@ def create_app(test_config=None):
 
     @app.get("/")
     def index():
-        """Serve the page that shows the numbers."""
+        """Serve the page that shows the numbers, over Socket.IO or, with ``?transport=sse``, over /stream."""
+        transport = request.args.get("transport", TRANSPORTS[0])
+        if transport not in TRANSPORTS:
+            # Refused rather than ignored: a typo must not quietly show another transport.
+            logger.warning("Refused the page with transport %r", transport[:40])
+            abort(400, f"Unknown transport: use one of {', '.join(TRANSPORTS)}.")
         return render_template(
-            "index.html", namespace=NAMESPACE, event=EVENT, history_size=app.config["HISTORY_SIZE"]
+            "index.html",
+            transport=transport,
+            namespace=NAMESPACE,
+            event=EVENT,
+            history_size=app.config["HISTORY_SIZE"],
         )
 
     @app.get("/stream")

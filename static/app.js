@@ -1,13 +1,17 @@
 // Shows the numbers the server pushes, newest first: a list, a small chart and
 // the state of the connection.
 //
-// The page (numberPage) knows nothing about how the numbers arrive: the
-// transport (connectSocketIO) hands it each message and each change of state,
-// and another transport could feed the same showNumber() and showState().
+// The page (numberPage) knows nothing about how the numbers arrive: a
+// transport hands it each message and each change of state. There are two,
+// chosen by the page's data-transport: Socket.IO (connectSocketIO) and
+// Server-Sent Events (connectEventSource).
 'use strict';
 
 const SVG_NS = 'http://www.w3.org/2000/svg';
 const CHART_MAX = 10; // the numbers are in [0, 10)
+// Milliseconds between attempts to reconnect: at most the server's SSE retry hint
+// (sse.RECONNECT_DELAY), so that the page is live again soon after a restart.
+const RECONNECT_DELAY = 2000;
 
 // Numbers with their 3 decimals; any other value (a fork's data) as plain text.
 function formatValue(value) {
@@ -87,8 +91,8 @@ function connectSocketIO(page, namespace, event) {
       const at = page.position();
       send(at.stream ? { last_id: at.lastId, stream: at.stream } : {});
     },
-    // Retry at least every 2 s (the default backs off to 5 s): live again soon after a restart.
-    reconnectionDelayMax: 2000,
+    // Retry at least every RECONNECT_DELAY (the default backs off to 5 s).
+    reconnectionDelayMax: RECONNECT_DELAY,
   });
 
   // Connected, or connected again after a loss: the server sends what we missed.
@@ -113,11 +117,60 @@ function connectSocketIO(page, namespace, event) {
   // Each broadcast, and on connect the history we have not seen yet.
   socket.on(event, page.showNumber);
 
+  showNetworkChanges(page, function () { return socket.connected; });
+}
+
+// Receive the numbers as Server-Sent Events and hand them to the page.
+function connectEventSource(page, url, event) {
+  let source = null;
+
+  // Open a new stream from where the page is (from the start, the first time).
+  // Within one EventSource the browser resumes by itself: it reconnects and sends
+  // the last id it received as Last-Event-ID.
+  function connect() {
+    const at = page.position();
+    source = new EventSource(at.stream ? url + '?last_id=' + at.lastId : url);
+
+    // Connected, or reconnected by the browser: the server sends what we missed.
+    source.addEventListener('open', function () {
+      page.showState('live');
+    });
+
+    // Each broadcast, and on connect the history we have not seen yet.
+    source.addEventListener(event, function (message) {
+      page.showNumber(JSON.parse(message.data));
+    });
+
+    // The connection dropped or an attempt failed. While CONNECTING the browser
+    // retries on its own; CLOSED (an answer other than an event stream, such as
+    // a proxy's 502) means it gave up, so we open a new stream after a delay.
+    source.addEventListener('error', function () {
+      if (source.readyState === EventSource.CLOSED) {
+        page.showState('offline');
+        setTimeout(connect, RECONNECT_DELAY);
+      } else {
+        page.showState(navigator.onLine ? 'reconnecting' : 'offline');
+      }
+    });
+  }
+
+  connect();
+  showNetworkChanges(page, function () { return source.readyState === EventSource.OPEN; });
+}
+
+// Show at once when the browser loses or regains the network; ``connected``
+// says whether the transport's connection is up.
+function showNetworkChanges(page, connected) {
   $(window).on('offline', function () { page.showState('offline'); });
-  $(window).on('online', function () { page.showState(socket.connected ? 'live' : 'reconnecting'); });
+  $(window).on('online', function () { page.showState(connected() ? 'live' : 'reconnecting'); });
 }
 
 $(function () {
   const $feed = $('#feed');
-  connectSocketIO(numberPage($feed), $feed.data('namespace'), $feed.data('event'));
+  const page = numberPage($feed);
+  if ($feed.data('transport') === 'sse') {
+    connectEventSource(page, $feed.data('stream-url'), $feed.data('event'));
+  } else {
+    connectSocketIO(page, $feed.data('namespace'), $feed.data('event'));
+  }
 });

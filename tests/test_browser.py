@@ -16,6 +16,7 @@ from support import Listener, assert_consecutive, wait_until
 
 PROJECT = Path(__file__).resolve().parent.parent
 HISTORY_SIZE = 10  # the server's default, and so the length of the page's list
+SSE_PAGE = "/?transport=sse"  # the same page, fed by EventSource from /stream instead of Socket.IO
 # Short, so that the list fills fast; long enough to read the page and a client between two broadcasts.
 INTERVAL = 0.1
 SHOWN = "Array.from(document.querySelectorAll('#numbers li'), li => [Number(li.dataset.id), li.textContent])"
@@ -136,6 +137,31 @@ def test_page_stays_on_its_origin_and_logs_no_error(watched_stream, open_tab):
     assert tab.errors == []
 
 
+def test_sse_page_shows_the_same_numbers_without_socketio(watched_stream, open_tab):
+    server, listener = watched_stream
+    tab = open_tab(server.url + SSE_PAGE)
+    ids = wait_for_same_numbers(tab, listener)
+    wait_until(lambda: shown(tab)[0][0] > ids[0], message="a broadcast after the history")
+
+    assert state(tab) == "live"
+    paths = [urlsplit(url).path for url in tab.requests]
+    assert "/stream" in paths
+    # Neither the client script (/static/vendor/socket.io.min.js) nor a connection (/socket.io/).
+    assert [path for path in paths if "socket.io" in path] == []
+    assert tab.errors == []
+
+
+def test_sse_page_opens_a_new_stream_when_one_is_refused(watched_stream, open_tab):
+    server, listener = watched_stream
+    tab = open_tab("about:blank")
+    # What a proxy answers while the server is down: the browser's EventSource gives up on it.
+    tab.page.route("**/stream", lambda route: route.fulfill(status=502, body="Bad Gateway"), times=1)
+    tab.page.goto(server.url + SSE_PAGE)
+
+    wait_until(lambda: state(tab) == "offline", message="the page to show it is offline")
+    wait_until(lambda: state(tab) == "live", message="the page to open a new stream")
+    wait_for_same_numbers(tab, listener)
+    assert [urlsplit(url).path for url in tab.requests].count("/stream") == 2
 
 
 def test_late_page_shows_the_full_history_at_once(watched_stream, open_tab):
@@ -147,9 +173,10 @@ def test_late_page_shows_the_full_history_at_once(watched_stream, open_tab):
     assert times[HISTORY_SIZE - 1] - times[0] < 3 * INTERVAL, times
 
 
-def test_page_reconnects_after_a_server_restart(live_server, open_tab):
+@pytest.mark.parametrize("path", ["/", SSE_PAGE], ids=["socketio", "sse"])
+def test_page_reconnects_after_a_server_restart(live_server, open_tab, path):
     server, listener = server_with_history(live_server)
-    tab = open_tab(server.url)
+    tab = open_tab(server.url + path)
     wait_for_same_numbers(tab, listener)
 
     assert server.stop() == 0

@@ -16,8 +16,25 @@ def test_index_serves_the_page(client):
     response = client.get("/")
     assert response.status_code == 200
     assert b'id="numbers"' in response.data
+    assert b'data-transport="socketio"' in response.data
     assert b'data-namespace="/test"' in response.data
     assert b"vendor/socket.io.min.js" in response.data
+
+
+def test_index_over_sse_reads_the_stream_without_the_socketio_client(client):
+    response = client.get("/?transport=sse")
+    assert response.status_code == 200
+    assert b'data-transport="sse"' in response.data
+    assert b'data-stream-url="/stream"' in response.data
+    assert b"socket.io.min.js" not in response.data
+
+
+def test_index_refuses_an_unknown_transport(client, caplog):
+    response = client.get("/?transport=<websocket>")
+    assert response.status_code == 400
+    assert b"Unknown transport: use one of socketio, sse." in response.data
+    assert b"<websocket>" not in response.data  # never echoed into the page
+    assert "Refused the page with transport '<websocket>'" in caplog.text
 
 
 @pytest.mark.parametrize("path", ["vendor/jquery.min.js", "vendor/socket.io.min.js", "app.js", "favicon.svg"])
