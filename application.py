@@ -116,7 +116,9 @@ class NumberFeed:
         self.last_broadcast_time = None
         # Held while a broadcast goes out and while a new client is sent its
         # history, so that a client never misses nor repeats a broadcast in between.
-        self.lock = threading.Lock()
+        # Reentrant: sending to a client that stopped answering pings makes
+        # Engine.IO disconnect it there and then, so on_disconnect runs inside broadcast().
+        self.lock = threading.RLock()
 
     def record(self, number):
         """Give a new number the next id and keep it in the history; return the message."""
