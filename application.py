@@ -202,6 +202,8 @@ def produce_numbers(feed, interval, grace_period):
             continue
         on_time = time.monotonic() - calling_since <= interval
         calling_since = None
+        if not on_time:
+            next_tick = time.monotonic()  # a late value: the schedule starts again from it, no burst
         if error is not None:
             report_problem(feed, f"next_number() failed: {error!r}", error)
             continue

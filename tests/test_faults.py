@@ -5,11 +5,13 @@ The 10,000 connect/disconnect cycles are a soak test, left out of the default ru
 ``python -m pytest -m soak``.
 """
 import contextlib
+import http.client
 import json
 import logging
 import signal
 import socket
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -140,13 +142,14 @@ def test_oversized_websocket_message_is_refused(watched_server):
     with shrugged_off(watched_server) as url:
         connection = open_websocket(url)
         assert join_namespace(connection).startswith(f"40{NAMESPACE},")
+        tcp = connection.sock  # the client lets go of it when the server closes the connection
         connection.send(f'42{NAMESPACE},["hello", "{"x" * 20_000}"]')  # MAX_MESSAGE_SIZE is 10,000
         try:
             while connection.recv():  # broadcasts, until the server's close frame: ""
                 pass
         except websocket.WebSocketConnectionClosedException:
             pass  # closed without a close frame: refused all the same
-        connection.close()
+        tcp.close()
 
 
 @pytest.mark.parametrize(
@@ -175,10 +178,15 @@ ENGINEIO_POST_HANG = pytest.mark.xfail(reason="python-engineio 4.15.1 hangs the 
 
 
 def post_to_polling_session(url, body):
-    """Open a long-polling session and POST ``body`` to it; return the response."""
+    """Open a long-polling session and POST ``body`` to it; return the response's status."""
     session = open_polling_session(url)
     # A second is plenty for a server that answers; it keeps the hanging cases short.
-    return requests.post(f"{url}{ENGINEIO_PATH}polling&sid={session}", data=body, timeout=1)
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=1)
+    try:
+        connection.request("POST", f"{ENGINEIO_PATH}polling&sid={session}", body.encode())
+        return connection.getresponse().status
+    finally:
+        connection.close()  # now, not when the garbage collector finds it
 
 
 @pytest.mark.parametrize(
@@ -199,7 +207,7 @@ def post_to_polling_session(url, body):
 )
 def test_malformed_polling_body_is_shrugged_off(watched_server, body):
     with shrugged_off(watched_server) as url:
-        assert post_to_polling_session(url, body).status_code in (200, 400)
+        assert post_to_polling_session(url, body) in (200, 400)
 
 
 # Origins and headers.
@@ -240,7 +248,7 @@ def connect_raw_clients(url, count):
 
 def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
     # Raw clients never answer pings: they must be gone before the first ping times out.
-    ping_interval, ping_timeout = 5, 5
+    ping_interval, ping_timeout = 6, 3
     server = live_server(INTERVAL=0.1, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
     pid = server.process.pid
     watcher = Listener(server.url).connect()
@@ -388,7 +396,7 @@ def test_a_slow_source_slows_the_stream_without_bursts(live_server):
     interval = 0.1
     server = serve_with_source(live_server, "slow", INTERVAL=interval)  # 0.15 s per value
     listener = Listener(server.url).connect()
-    messages = listener.wait_for_count(10)
+    messages = listener.wait_for_count(6)
     listener.disconnect()
     assert_consecutive([message["id"] for message in messages])
     gaps = [later["time"] - earlier["time"] for earlier, later in zip(messages, messages[1:])]
@@ -406,4 +414,4 @@ def test_stops_promptly_while_the_source_hangs(live_server, sig):
     started = time.monotonic()
     assert server.stop(sig, timeout=5) == 0
     assert time.monotonic() - started < 2
-    listener.disconnect()
+    wait_until(lambda: not listener.client.connected, message="the client to notice")
