@@ -224,8 +224,7 @@ def call_next_number(results):
 def report_problem(feed, problem, error=None):
     """Skip this broadcast; log why only when the source starts to fail, not at every tick."""
     if feed.problem is None:
-        exc_info = (type(error), error, error.__traceback__) if error else None
-        logger.warning("%s; skipping broadcasts until it works again", problem, exc_info=exc_info)
+        logger.warning("%s; skipping broadcasts until it works again", problem, exc_info=error)
     feed.problem = problem
 
 
