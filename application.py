@@ -27,6 +27,7 @@ import collections
 import itertools
 import json
 import logging
+import queue
 import random
 import secrets
 import signal
@@ -64,10 +65,55 @@ DEFAULT_SETTINGS = {
     "ASYNC_MODE": "threading",  # or "gevent" (pip install gevent)
     "HEARTBEAT": 15.0,  # seconds of silence after which /stream sends a comment
     "PLAIN_PAGE_SECONDS": 300.0,  # how long /plain keeps streaming before it asks for a reload
+    "PING_INTERVAL": 25.0,  # seconds between the server's pings to each client
+    "PING_TIMEOUT": 20.0,  # seconds a client has to answer a ping before it is dropped
+    "MAX_MESSAGE_SIZE": 10_000,  # bytes; clients only ever send their auth data
+}
+
+# Sent with every response: only this site's own files may run or load in the
+# page, and no other site may frame it.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
 }
 
 logger = logging.getLogger("application")
 socketio = SocketIO()
+
+
+class OncePerKind(logging.Filter):
+    """Let a library's error with a traceback through once per kind of error, as one line.
+
+    python-engineio logs every packet it cannot decode (truncated, unknown type,
+    deeply nested JSON, a huge integer) with a full traceback: any client could
+    flood the log by sending garbage. Like engineio's own "further occurrences
+    of this error" messages, log each kind once and drop the repeats.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        """Shorten a record with a traceback to one line, or drop it if its kind was logged before."""
+        if not record.exc_info:
+            return True
+        message, error = record.getMessage(), record.exc_info[1]
+        if (message, type(error)) in self.seen:
+            return False
+        self.seen.add((message, type(error)))
+        record.msg = "%s: %s: %s (further occurrences are not logged)"
+        record.args = (message, type(error).__name__, error)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+# Passed to Socket.IO as its Engine.IO logger: errors only, as with its default.
+engineio_logger = logging.getLogger("application.engineio")
+engineio_logger.setLevel(logging.ERROR)
+engineio_logger.addFilter(OncePerKind())
 
 
 def next_number():
@@ -87,9 +133,13 @@ class NumberFeed:
         self.last_client_left = time.monotonic()
         self.producer = None  # the running background task, or None
         self.stopping = False
+        self.problem = None  # why broadcasts are being skipped, or None
+        self.last_broadcast_time = None
         # Held while a broadcast goes out and while a new client is sent its
         # history, so that a client never misses nor repeats a broadcast in between.
-        self.lock = threading.Lock()
+        # Reentrant: sending to a client that stopped answering pings makes
+        # Engine.IO disconnect it there and then, so on_disconnect runs inside broadcast().
+        self.lock = threading.RLock()
 
     def record(self, number):
         """Give a new number the next id and keep it in the history; return the message."""
@@ -101,6 +151,7 @@ class NumberFeed:
             "stream": self.stream_id,
         }
         self.history.append(message)
+        self.last_broadcast_time = message["time"]
         return message
 
     def missed_since(self, auth):
@@ -128,17 +179,21 @@ class NumberFeed:
     def status(self):
         """Describe the feed for the health check."""
         return {
-            "status": "ok",
+            "status": "degraded" if self.problem else "ok",
+            "problem": self.problem,
             "clients": self.clients,
             "last_id": self.last_id,
             "stream": self.stream_id,
             "producer_running": self.producer is not None,
+            "last_broadcast_time": self.last_broadcast_time,
         }
 
 
 def produce_numbers(feed, interval, grace_period):
     """Broadcast a new number every ``interval`` seconds while anyone listens."""
     logger.info("Producer started")
+    results = queue.Queue()  # what each call to next_number() returned or raised
+    calling_since = None  # when the call still outstanding started, or None
     next_tick = time.monotonic()
     while True:
         # Sleep until a fixed tick rather than for a fixed time, so that the time
@@ -155,12 +210,43 @@ def produce_numbers(feed, interval, grace_period):
                 feed.producer = None
                 logger.info("Producer stopped")
                 return
+        # Call next_number() in a task of its own and wait for it until the next
+        # tick at most, so that a source that hangs cannot stop the schedule.
+        # Never more than one call at a time: a hanging source is not called again.
+        if calling_since is None:
+            calling_since = time.monotonic()
+            socketio.start_background_task(call_next_number, results)
         try:
-            number = next_number()
-        except Exception:
-            logger.exception("next_number() failed; skipping this broadcast")
+            number, error = results.get(timeout=max(0.0, next_tick + interval - time.monotonic()))
+        except queue.Empty:
+            report_problem(feed, f"next_number() has not returned for {time.monotonic() - calling_since:.1f} s")
             continue
+        on_time = time.monotonic() - calling_since <= interval
+        calling_since = None
+        if not on_time:
+            next_tick = time.monotonic()  # a late value: the schedule starts again from it, no burst
+        if error is not None:
+            report_problem(feed, f"next_number() failed: {error!r}", error)
+            continue
+        if on_time and feed.problem:
+            logger.info("next_number() works again; broadcasts resume")
+            feed.problem = None
         broadcast(feed, number)
+
+
+def call_next_number(results):
+    """Call next_number() and put what it returns, or raises, in ``results``."""
+    try:
+        results.put((next_number(), None))
+    except Exception as error:
+        results.put((None, error))
+
+
+def report_problem(feed, problem, error=None):
+    """Skip this broadcast; log why only when the source starts to fail, not at every tick."""
+    if feed.problem is None:
+        logger.warning("%s; skipping broadcasts until it works again", problem, exc_info=error)
+    feed.problem = problem
 
 
 def broadcast(feed, number):
@@ -327,9 +413,23 @@ def create_app(test_config=None):
 
     app.extensions["number_feed"] = NumberFeed(app.config["HISTORY_SIZE"])
     origins = allowed_origins(app.config["ALLOWED_ORIGINS"])
-    socketio.init_app(app, async_mode=app.config["ASYNC_MODE"], cors_allowed_origins=origins)
+    socketio.init_app(
+        app,
+        async_mode=app.config["ASYNC_MODE"],
+        cors_allowed_origins=origins,
+        ping_interval=app.config["PING_INTERVAL"],
+        ping_timeout=app.config["PING_TIMEOUT"],
+        max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],
+        engineio_logger=engineio_logger,
+    )
     if origins is not None:
         CORS(app, resources={"/stream": {"origins": origins}})
+
+    @app.after_request
+    def add_security_headers(response):
+        """Send the security headers with every response."""
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     @app.get("/")
     def index():

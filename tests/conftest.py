@@ -1,4 +1,5 @@
 """Fixtures: a fresh app per test for the handler tests, and the real server in a subprocess."""
+import contextlib
 import os
 import shutil
 import signal
@@ -100,20 +101,34 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture
-def live_server(tmp_path):
-    """Start the real server (call it with settings as environment variables); stop it after the test."""
+@contextlib.contextmanager
+def server_starter(log_dir):
+    """Yield a function that starts real servers; stop them all at the end."""
     servers = []
 
     def start(command=None, **env):
         """``command`` is a list of arguments in which "{port}" stands for the server's port."""
-        server = LiveServer(tmp_path, {key: str(value) for key, value in env.items()}, command)
+        server = LiveServer(log_dir, {key: str(value) for key, value in env.items()}, command)
         servers.append(server)
         return server.start()
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """Start the real server (call it with settings as environment variables); stop it after the test."""
+    with server_starter(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_live_server(tmp_path_factory):
+    """Like ``live_server``, for one server shared by the many short cases of a module."""
+    with server_starter(tmp_path_factory.mktemp("servers")) as start:
+        yield start
 
 
 # --- Browser fixtures: the distribution's Chromium, driven by Playwright (tests/test_browser.py) ---
@@ -135,22 +150,6 @@ def browser():
         chromium = launch_chromium(playwright)
         yield chromium
         chromium.close()
-
-
-@pytest.fixture(scope="module")
-def module_live_server(tmp_path_factory):
-    """Like ``live_server``, but its servers run until the end of the module, for tests that share one."""
-    servers = []
-
-    def start(**env):
-        settings = {key: str(value) for key, value in env.items()}
-        server = LiveServer(tmp_path_factory.mktemp("server"), settings)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 class BrowserTab:

@@ -1,4 +1,6 @@
 """Number sources that tests swap in for ``application.next_number`` (see serve_with_source.py)."""
+import threading
+import time
 
 
 def markup():
@@ -16,6 +18,38 @@ def unicode():
     return "π ≈ 3.142 ✓"
 
 
+calls = 0  # how many times a source below has been called in this server process
+
+
+def raising():
+    """Fail every time, as a source whose database is down."""
+    raise ConnectionError("database unavailable")
+
+
+def hanging():
+    """Return at once, except that the fifth call hangs for two seconds."""
+    global calls
+    calls += 1
+    if calls == 5:
+        time.sleep(2)
+    return calls
+
+
+def hanging_forever():
+    """Return three values, then never return again."""
+    global calls
+    calls += 1
+    if calls > 3:
+        threading.Event().wait()
+    return calls
+
+
+def slow():
+    """Take 0.15 s per value: slower than the 0.1 s interval the tests use."""
+    time.sleep(0.15)
+    return 1.0
+
+
 def large():
-    """Return 30 kB, so that a client that stops reading fills its connection's buffers at once."""
-    return "x" * 30_000
+    """Return 64 kB of text: a client that stops reading soon has full buffers."""
+    return "x" * 65536

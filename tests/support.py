@@ -1,8 +1,15 @@
-"""Helpers shared by the tests: polling, and a real Socket.IO client that records what it hears."""
+"""Helpers shared by the tests: polling, a real Socket.IO client that records what it hears,
+raw protocol clients that can misbehave, and the server process's resources."""
+import json
+import socket
+import struct
 import threading
 import time
+from dataclasses import dataclass
 
+import requests
 import socketio
+import websocket
 
 NAMESPACE = "/test"
 EVENT = "newnumber"
@@ -27,6 +34,7 @@ class Listener:
         self.url = url
         self.auth = auth
         self.messages = []
+        self.arrival_times = []  # time.monotonic() at each message
         self.lock = threading.Lock()
         # The WebSocket client sends the server's own address as Origin unless told otherwise.
         extra = {"origin": origin} if origin else {}
@@ -36,6 +44,7 @@ class Listener:
     def _received(self, message):
         with self.lock:
             self.messages.append(message)
+            self.arrival_times.append(time.monotonic())
 
     def connect(self, wait_timeout=10):
         self.client.connect(
@@ -73,3 +82,66 @@ def disconnect_all(listeners):
 def assert_consecutive(ids):
     """Each id is one more than the one before: no gap, no duplicate, no reordering."""
     assert ids == list(range(ids[0], ids[0] + len(ids))), ids
+
+
+def assert_stream_flows(listener, count=3, timeout=10.0):
+    """Wait until ``listener`` has ``count`` more broadcasts; all it has are consecutive."""
+    wait_for = len(listener.ids()) + count
+    listener.wait_for_count(wait_for, timeout)
+    assert_consecutive(listener.ids())
+
+
+# Raw clients that speak Engine.IO v4 and Socket.IO v5 by hand, so that tests can send
+# what no well-behaved client would: "0{...}" open, "40/test,{auth}" connect, "42/test,[...]" event.
+ENGINEIO_PATH = "/socket.io/?EIO=4&transport="
+
+
+def open_websocket(server_url, origin=None, **options):
+    """Open a raw Engine.IO WebSocket and read the server's open packet."""
+    url = server_url.replace("http://", "ws://", 1) + ENGINEIO_PATH + "websocket"
+    connection = websocket.create_connection(url, origin=origin or server_url, timeout=10, **options)
+    opening = connection.recv()
+    assert opening.startswith("0{"), opening
+    return connection
+
+
+def join_namespace(connection, auth_json=""):
+    """Ask to connect to the namespace, with ``auth_json`` as the Socket.IO auth data; return the answer.
+
+    The answer is "40/test,{sid}" (connected) or "44/test,{message}" (refused); the
+    history the server sends on connect may come before it and is skipped.
+    """
+    connection.send(f"40{NAMESPACE},{auth_json}")
+    while True:
+        packet = connection.recv()
+        if packet.startswith((f"40{NAMESPACE},", f"44{NAMESPACE},")):
+            return packet
+
+
+def drop_without_close(connection):
+    """Reset the TCP connection, with no WebSocket close frame: the client's network vanished."""
+    connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.sock.close()
+
+
+def open_polling_session(server_url, **headers):
+    """Open a raw Engine.IO long-polling session; return its session id."""
+    response = requests.get(server_url + ENGINEIO_PATH + "polling", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.text.startswith("0{"), response.text
+    return json.loads(response.text[1:])["sid"]
+
+
+@dataclass
+class Resources:
+    """What a process holds: its threads (or OS threads under gevent) and resident memory."""
+
+    threads: int
+    rss_mib: float
+
+
+def process_resources(pid):
+    """Read a process's thread count and resident memory from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return Resources(int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024)
