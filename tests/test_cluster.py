@@ -7,9 +7,10 @@ import sys
 import time
 
 import pytest
-import requests
+import redis
 
-from conftest import PROJECT
+from application import create_app, socketio
+from conftest import PROJECT, require_program
 from support import NAMESPACE, Listener, assert_consecutive, disconnect_all, wait_until
 
 INTERVAL = 0.2
@@ -150,12 +151,18 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
         listener.client.on("notice", notices.append, namespace=NAMESPACE)
     try:
         listeners[0].wait_for_count(1)
-        # Over HTTP, to process A.
-        response = requests.post(
-            servers[0].url + "/publish", json={"number": 4.25}, headers={"Authorization": "Bearer secret"}
-        )
-        assert response.status_code == 200
-        published = response.json()
+        # Over HTTP, to process A, with the README's command.
+        curl = [
+            require_program("curl", "curl"),
+            "--fail-with-body", "--silent",
+            "-H", "Authorization: Bearer secret",
+            "-H", "Content-Type: application/json",
+            "-d", '{"number": 4.25}',
+            servers[0].url + "/publish",
+        ]  # fmt: skip
+        result = subprocess.run(curl, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        published = json.loads(result.stdout)
         # From another program, through Redis, as the README shows.
         command = [sys.executable, "application.py", "--publish", "7.5"]
         env = {**servers[0].env}
@@ -209,3 +216,76 @@ def test_through_nginx_clients_of_both_backends_see_one_stream(start_cluster, ng
         for connection, _ in streams:
             connection.close()
         websocket_client.disconnect()
+
+
+def test_without_redis_a_process_serves_on_and_says_so(start_cluster, redis_url):
+    (server,) = start_cluster(count=1)
+    listeners = [Listener(server.url).connect()]
+    try:
+        listeners[0].wait_for_count(2)
+        redis.Redis.from_url(redis_url).shutdown(nosave=True)
+        wait_until(lambda: server.health()["redis"] == "unavailable", message="/healthz to say so")
+        wait_until(lambda: "Redis is unavailable" in server.log(), message="a line in the log")
+        listeners.append(Listener(server.url).connect())  # a newcomer is still served
+        assert server.health()["clients"] == 2
+        assert server.log().count("Redis is unavailable") == 1
+    finally:
+        disconnect_all(listeners)
+
+
+# --- POST /publish, in one process (no Redis needed) ---
+
+
+@pytest.fixture
+def publishing_app():
+    app = create_app({"TESTING": True, "SECRET_KEY": "test", "INTERVAL": 3600.0, "PUBLISH_TOKEN": "secret"})
+    yield app
+    app.extensions["number_feed"].stop()
+
+
+def test_publish_is_off_without_a_token(client):
+    assert client.post("/publish", json={"number": 1}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({}, 401),
+        ({"Authorization": "secret"}, 401),
+        ({"Authorization": "Basic c2VjcmV0"}, 401),
+        ({"Authorization": "Bearer wrong"}, 403),
+        ({"Authorization": "Bearer secretsecret"}, 403),
+    ],
+)
+def test_publish_refuses_a_missing_or_wrong_token(publishing_app, headers, status):
+    response = publishing_app.test_client().post("/publish", json={"number": 1}, headers=headers)
+    assert response.status_code == status
+    assert "error" in response.get_json()
+    assert publishing_app.extensions["number_feed"].last_id == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[1]", b'{"value": 1}', b'{"number": "1"}', b'{"number": true}',
+     b'{"number": NaN}', b'{"number": Infinity}', b'{"number": null}', b'{"number": 1e999}'],
+)  # fmt: skip
+def test_publish_refuses_a_body_without_a_finite_number(publishing_app, body):
+    headers = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
+    response = publishing_app.test_client().post("/publish", data=body, headers=headers)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": 'Send a JSON object {"number": <a finite number>}.'}
+    assert publishing_app.extensions["number_feed"].last_id == 0
+
+
+def test_a_published_number_takes_the_next_id_and_reaches_live_clients(publishing_app):
+    feed = publishing_app.extensions["number_feed"]
+    socketio_client = socketio.test_client(publishing_app, namespace=NAMESPACE)
+    response = publishing_app.test_client().post(
+        "/publish", json={"number": 2.5}, headers={"Authorization": "Bearer secret"}
+    )
+    assert response.status_code == 200
+    message = response.get_json()
+    assert (message["number"], message["id"], message["stream"]) == (2.5, 1, feed.stream_id)
+    assert list(feed.history) == [message]
+    assert [packet["args"][0] for packet in socketio_client.get_received(NAMESPACE)] == [message]
+    socketio_client.disconnect(NAMESPACE)
