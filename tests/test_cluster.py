@@ -177,10 +177,10 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
             assert_consecutive(listener.ids())
         # Flask-SocketIO's emitter in another process reaches the clients of every process (other events).
         emitter = (
-            "from flask_socketio import SocketIO; import sys; "
-            "SocketIO(message_queue=sys.argv[1]).emit('notice', {'text': 'hello'}, namespace='/test')"
-        )
-        subprocess.run([sys.executable, "-c", emitter, env["MESSAGE_QUEUE"]], check=True, timeout=30)
+            "from flask_socketio import SocketIO; SocketIO(message_queue='{url}')"
+            ".emit('notice', {{'text': 'hello'}}, namespace='/test')"
+        ).format(url=env["MESSAGE_QUEUE"])
+        subprocess.run([sys.executable, "-c", emitter], check=True, timeout=30)
         wait_until(lambda: len(notices) == 2, message="the notice at both clients")
         assert notices == [{"text": "hello"}] * 2
     finally:
