@@ -11,6 +11,8 @@ worker_class = "gthread"
 workers = 1
 threads = 100  # each connected client holds a thread: this bounds the clients of this process
 bind = "127.0.0.1:8001"
+# By default every gunicorn on a machine would listen on the same control socket.
+control_socket_disable = True
 
 
 def worker_exit(server, worker):

@@ -19,8 +19,8 @@ GUNICORN = ["gunicorn", "-c", "deploy/gunicorn.conf.py", "--bind", "127.0.0.1:{p
 
 
 @pytest.fixture
-def start_cluster(live_server, redis_url):
-    """Start app processes that share one stream through the test's redis-server."""
+def start_cluster(redis_url, live_server):
+    """Start app processes that share one stream through the test's redis-server (stopped after them)."""
 
     def start(count=2, command=None, **env):
         return [
@@ -141,6 +141,28 @@ def test_killing_the_leader_hands_the_stream_to_another_process_without_duplicat
         assert time.monotonic() - killed_at < LEADER_TIMEOUT + 10
     finally:
         disconnect_all(listeners)
+
+
+def test_a_leader_that_stops_lets_another_process_produce_at_once(start_cluster):
+    (first,) = start_cluster(count=1)
+    leaving = Listener(first.url).connect()
+    leaving.wait_for_count(1)
+    (second,) = start_cluster(count=1)
+    staying = Listener(second.url).connect()
+    try:
+        staying.wait_for_count(3)
+        assert first.health()["leader"]
+        leaving.disconnect()  # the first process stops producing after its grace period
+        wait_until(lambda: "Producer started" in second.log(), timeout=15, message="the second to lead")
+        assert "Producer stopped" in first.log()
+        count = len(staying.ids())
+        messages = staying.wait_for_count(count + 3)
+        assert_consecutive([message["id"] for message in messages])
+        # It let the lock go rather than waiting for it to expire: no gap of LEADER_TIMEOUT.
+        gaps = [later["time"] - earlier["time"] for earlier, later in zip(messages, messages[1:])]
+        assert max(gaps) < LEADER_TIMEOUT / 2, gaps
+    finally:
+        staying.disconnect()
 
 
 def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster):
