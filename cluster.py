@@ -68,6 +68,18 @@ return 0
 logger = logging.getLogger("cluster")
 
 
+def pass_on(raw, deliver):
+    """Pass a message from Redis to ``deliver``; log and skip anything else another program put there."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        message = None
+    if not (isinstance(message, dict) and type(message.get("id")) is int and isinstance(message.get("stream"), str)):
+        logger.warning("Ignored something in Redis that is not a message of the stream: %r", raw[:100])
+        return
+    deliver(message)
+
+
 class Cluster:
     """This process's side of the stream in Redis: publish, follow, and take turns to produce."""
 
@@ -106,14 +118,14 @@ class Cluster:
                 # Subscribe first, then read the history: a message published in between
                 # comes both ways, and ``deliver`` drops the copy by its id.
                 pubsub.subscribe(CHANNEL)
-                for message in reversed(self.redis.lrange(HISTORY_KEY, 0, -1)):
-                    deliver(json.loads(message))
+                for raw in reversed(self.redis.lrange(HISTORY_KEY, 0, -1)):
+                    pass_on(raw, deliver)
                 self._set_available(True)
                 self.synced.set()
                 while True:
                     item = pubsub.get_message(timeout=1.0)
                     if item is not None:
-                        deliver(json.loads(item["data"]))
+                        pass_on(item["data"], deliver)
             except redis.RedisError as error:
                 self._set_available(False, error)
             finally:

@@ -197,6 +197,12 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
             assert by_id[published["id"]] == published and published["number"] == 4.25
             assert by_id[from_command["id"]] == from_command and from_command["number"] == 7.5
             assert_consecutive(listener.ids())
+        # Garbage on the stream's channel is logged and skipped; the stream carries on.
+        redis.Redis.from_url(env["MESSAGE_QUEUE"]).publish("numbers:messages", b"not a message")
+        wait_until(lambda: "not a message of the stream" in servers[1].log(), message="the garbage logged")
+        count = len(listeners[1].ids())
+        listeners[1].wait_for_count(count + 2)
+        assert_consecutive(listeners[1].ids())
         # Flask-SocketIO's emitter in another process reaches the clients of every process (other events).
         emitter = (
             "from flask_socketio import SocketIO; SocketIO(message_queue='{url}')"
