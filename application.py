@@ -13,6 +13,9 @@ How it works, top to bottom:
 4. The same feed goes out three ways: Socket.IO (``/test``), Server-Sent Events
    (``GET /stream``, see ``sse.py``; the page reads it at ``/?transport=sse``) and a
    streamed page without JavaScript (``/plain``).
+5. With ``MESSAGE_QUEUE=redis://...`` several processes serve one stream: Redis
+   holds the ids and the history, each process mirrors them for its own clients,
+   and one process at a time, the leader, produces (see ``cluster.py``).
 """
 import os
 
@@ -24,13 +27,16 @@ if os.environ.get("ASYNC_MODE") == "gevent":
 
 import argparse
 import collections
+import hmac
 import itertools
 import json
 import logging
+import math
 import queue
 import random
 import secrets
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -48,6 +54,7 @@ from flask import (
 from flask_cors import CORS
 from flask_socketio import SocketIO, emit, join_room
 
+import cluster
 import sse
 
 NAMESPACE = "/test"
@@ -68,6 +75,8 @@ DEFAULT_SETTINGS = {
     "PING_INTERVAL": 25.0,  # seconds between the server's pings to each client
     "PING_TIMEOUT": 20.0,  # seconds a client has to answer a ping before it is dropped
     "MAX_MESSAGE_SIZE": 10_000,  # bytes; clients only ever send their auth data
+    "MESSAGE_QUEUE": "",  # redis://host:port/db to share one stream between processes; empty: this process only
+    "PUBLISH_TOKEN": "",  # the bearer token for POST /publish; empty: no /publish
 }
 
 # Sent with every response: only this site's own files may run or load in the
@@ -135,6 +144,7 @@ class NumberFeed:
         self.stopping = False
         self.problem = None  # why broadcasts are being skipped, or None
         self.last_broadcast_time = None
+        self.cluster = None  # a cluster.Cluster when the stream is shared through Redis
         # Held while a broadcast goes out and while a new client is sent its
         # history, so that a client never misses nor repeats a broadcast in between.
         # Reentrant: sending to a client that stopped answering pings makes
@@ -143,16 +153,31 @@ class NumberFeed:
 
     def record(self, number):
         """Give a new number the next id and keep it in the history; return the message."""
-        self.last_id += 1
         message = {
             "number": number,
-            "id": self.last_id,
+            "id": self.last_id + 1,
             "time": time.time(),
             "stream": self.stream_id,
         }
+        self.keep(message)
+        return message
+
+    def keep(self, message):
+        """Keep a message in the history; return False if this feed has it already.
+
+        In a cluster, messages come from Redis: one of another stream (Redis was
+        emptied) starts the feed afresh.
+        """
+        if message["stream"] != self.stream_id:
+            self.stream_id = message["stream"]
+            self.history.clear()
+            self.last_id = 0
+        if message["id"] <= self.last_id:
+            return False
+        self.last_id = message["id"]
         self.history.append(message)
         self.last_broadcast_time = message["time"]
-        return message
+        return True
 
     def missed_since(self, auth):
         """Return the history a connecting client has not seen yet, oldest first.
@@ -177,8 +202,8 @@ class NumberFeed:
             self.stopping = True
 
     def status(self):
-        """Describe the feed for the health check."""
-        return {
+        """Describe the feed for the health check; in a cluster, with Redis's view of it."""
+        status = {
             "status": "degraded" if self.problem else "ok",
             "problem": self.problem,
             "clients": self.clients,
@@ -187,11 +212,20 @@ class NumberFeed:
             "producer_running": self.producer is not None,
             "last_broadcast_time": self.last_broadcast_time,
         }
+        if self.cluster is not None:
+            status.update(self.cluster.status())
+        return status
 
 
 def produce_numbers(feed, interval, grace_period):
-    """Broadcast a new number every ``interval`` seconds while anyone listens."""
-    logger.info("Producer started")
+    """Broadcast a new number every ``interval`` seconds while anyone listens.
+
+    In a cluster every process with listeners runs this loop, and only the one
+    that holds the leader lock broadcasts: it logs "Producer started" when it
+    takes the lock.
+    """
+    if feed.cluster is None:
+        logger.info("Producer started")
     results = queue.Queue()  # what each call to next_number() returned or raised
     calling_since = None  # when the call still outstanding started, or None
     next_tick = time.monotonic()
@@ -206,10 +240,17 @@ def produce_numbers(feed, interval, grace_period):
             next_tick = time.monotonic()  # fell behind: carry on, do not burst
         with feed.lock:
             idle = time.monotonic() - feed.last_client_left
-            if feed.stopping or (feed.clients == 0 and idle >= grace_period):
+            stop = feed.stopping or (feed.clients == 0 and idle >= grace_period)
+            if stop:
                 feed.producer = None
+        if stop:
+            if feed.cluster is None:
                 logger.info("Producer stopped")
-                return
+            else:
+                feed.cluster.resign()
+            return
+        if feed.cluster is not None and not feed.cluster.lead(interval):
+            continue
         # Call next_number() in a task of its own and wait for it until the next
         # tick at most, so that a source that hangs cannot stop the schedule.
         # Never more than one call at a time: a hanging source is not called again.
@@ -250,17 +291,39 @@ def report_problem(feed, problem, error=None):
 
 
 def broadcast(feed, number):
-    """Record a number in the feed and send it to every live client of every transport."""
+    """Give a number the stream's next id and send it to every live client; return the message.
+
+    In a cluster the number goes to Redis, and every process's ``receive`` (this
+    one's too) sends it to its own clients. Returns None if Redis is unavailable.
+    """
+    if feed.cluster is not None:
+        return feed.cluster.publish(number)
     with feed.lock:
         message = feed.record(number)
-        socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM)
-        for subscriber in list(feed.subscribers):
-            if not subscriber.offer(message):
-                logger.warning("Dropped a streaming client %d broadcasts behind", sse.QUEUE_SIZE)
-                feed.subscribers.remove(subscriber)
-                remove_listener(feed)
-                subscriber.drop()
+        fan_out(feed, message)
     return message
+
+
+def receive(feed, message):
+    """Send a message of the cluster's stream to this process's clients, unless they had it already."""
+    with feed.lock:
+        if feed.keep(message):
+            fan_out(feed, message)
+
+
+def fan_out(feed, message):
+    """Send a recorded message to every live client of this process, of every transport.
+
+    Call it with ``feed.lock`` held.
+    """
+    # ignore_queue: to this process's clients only; in a cluster each process sends to its own.
+    socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM, ignore_queue=True)
+    for subscriber in list(feed.subscribers):
+        if not subscriber.offer(message):
+            logger.warning("Dropped a streaming client %d broadcasts behind", sse.QUEUE_SIZE)
+            feed.subscribers.remove(subscriber)
+            remove_listener(feed)
+            subscriber.drop()
 
 
 def add_listener(feed):
@@ -304,7 +367,7 @@ def on_connect(auth):
     feed = current_feed()
     with feed.lock:
         for message in feed.missed_since(auth):
-            emit(EVENT, message)
+            emit(EVENT, message, ignore_queue=True)  # to this client, not through the message queue
         join_room(LIVE_ROOM)
         add_listener(feed)
 
@@ -411,17 +474,24 @@ def create_app(test_config=None):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
         logger.info("SECRET_KEY is not set: using a random key for this run")
 
-    app.extensions["number_feed"] = NumberFeed(app.config["HISTORY_SIZE"])
+    feed = NumberFeed(app.config["HISTORY_SIZE"])
+    app.extensions["number_feed"] = feed
     origins = allowed_origins(app.config["ALLOWED_ORIGINS"])
+    # With a message queue, Flask-SocketIO also passes on what other programs emit
+    # through it (a SocketIO(message_queue=...) emitter) to the clients of every process.
+    message_queue = app.config["MESSAGE_QUEUE"] or None
     socketio.init_app(
         app,
         async_mode=app.config["ASYNC_MODE"],
         cors_allowed_origins=origins,
+        message_queue=message_queue,
         ping_interval=app.config["PING_INTERVAL"],
         ping_timeout=app.config["PING_TIMEOUT"],
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],
         engineio_logger=engineio_logger,
     )
+    if message_queue is not None:
+        join_cluster(feed, message_queue, app.config["HISTORY_SIZE"])
     if origins is not None:
         CORS(app, resources={"/stream": {"origins": origins}})
 
@@ -467,6 +537,29 @@ def create_app(test_config=None):
         page = stream_template("plain.html", messages=messages, minutes=f"{seconds / 60:g}")
         return streaming_response(page, feed, subscriber)
 
+    @app.post("/publish")
+    def publish():
+        """Put a number into the stream for another program: ``{"number": 4.2}`` with a bearer token."""
+        token = app.config["PUBLISH_TOKEN"]
+        if not token:
+            abort(404)  # off unless a token is set
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            logger.warning("Refused a publish without a bearer token")
+            return jsonify(error="Send Authorization: Bearer <PUBLISH_TOKEN>."), 401, {"WWW-Authenticate": "Bearer"}
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            logger.warning("Refused a publish with a wrong token")
+            return jsonify(error="Wrong token."), 403
+        body = request.get_json(silent=True)
+        number = body.get("number") if isinstance(body, dict) else None
+        if not is_finite_number(number):
+            logger.warning("Refused a publish without a finite number")
+            return jsonify(error='Send a JSON object {"number": <a finite number>}.'), 400
+        message = broadcast(current_feed(), number)
+        if message is None:
+            return jsonify(error="The message queue is unavailable; try again."), 503
+        return jsonify(message)
+
     @app.get("/healthz")
     def healthz():
         """Report whether the stream is alive, for load balancers and monitoring."""
@@ -475,13 +568,56 @@ def create_app(test_config=None):
     return app
 
 
+def join_cluster(feed, url, history_size):
+    """Make the feed a mirror of the cluster's stream in Redis, and wait (a little) for its history."""
+    feed.cluster = cluster.Cluster(url, history_size)
+    socketio.start_background_task(
+        feed.cluster.follow, lambda message: receive(feed, message), socketio.sleep
+    )
+    if not feed.cluster.synced.wait(timeout=5):
+        logger.warning("Serving without the cluster's history: Redis has not answered yet")
+
+
+def stop_feed(app):
+    """Stop the app's producer; in a cluster, let another process lead at once."""
+    feed = app.extensions["number_feed"]
+    feed.stop()
+    if feed.cluster is not None:
+        feed.cluster.resign()
+
+
+def is_finite_number(value):
+    """Return True for an int or a float that is neither infinite nor NaN (a bool is not a number here)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def publish_from_command_line(number):
+    """Put one number into the cluster's stream in Redis (MESSAGE_QUEUE) and print its message."""
+    url = os.environ.get("MESSAGE_QUEUE")
+    if not url:
+        sys.exit("--publish needs MESSAGE_QUEUE=redis://... (the stream of a running cluster)")
+    if not is_finite_number(number):
+        sys.exit(f"--publish needs a finite number, not {number}")
+    history_size = load_settings(os.environ)["HISTORY_SIZE"]
+    message = cluster.Cluster(url, history_size).publish(number)
+    if message is None:
+        sys.exit(f"Redis at {url} is unavailable")
+    print(json.dumps(message))
+
+
 def main():
     """Run the server from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
     parser.add_argument("--debug", action="store_true", help="debug mode with the reloader")
+    parser.add_argument(
+        "--publish", type=float, metavar="NUMBER", help="put NUMBER into the cluster's stream and exit"
+    )
     args = parser.parse_args()
+    if args.publish is not None:
+        publish_from_command_line(args.publish)
+        return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.debug:
@@ -506,6 +642,7 @@ def main():
         )
     except KeyboardInterrupt:
         pass  # the development server swallows Ctrl+C itself; gevent's does not
+    stop_feed(app)
     logger.info("Stopped")
 
 

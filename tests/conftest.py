@@ -186,3 +186,99 @@ def open_tab(browser):
 
     yield open_tab
     context.close()
+
+
+# --- Cluster fixtures: a real redis-server and a real nginx (tests/test_cluster.py) ---
+
+import redis  # noqa: E402  (kept with the fixtures that use it)
+
+
+def require_program(name, package):
+    """Return the path of a program (looking in the sbin directories too); skip, or fail under CI=true, if missing."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if path is None:
+        reason = f"{name} is missing: apt-get install {package}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def stop_process(process, timeout=10):
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """Start a real redis-server on a free port, keeping nothing on disk; return its URL."""
+    program = require_program("redis-server", "redis-server")
+    port = free_port()
+    command = [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with open(tmp_path / "redis.log", "ab") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    connection = redis.Redis.from_url(url)
+
+    def answers():
+        assert process.poll() is None, (tmp_path / "redis.log").read_text()
+        try:
+            return connection.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_until(answers, timeout=10, message="redis-server")
+    connection.close()
+    yield url
+    stop_process(process)
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start a real nginx with deploy/nginx.conf in front of the given backend ports; return its URL."""
+    program = require_program("nginx", "nginx-light")
+    processes = []
+
+    def start(backend_ports):
+        port = free_port()
+        site = (PROJECT / "deploy" / "nginx.conf").read_text()
+        site = site.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+        for number, backend_port in enumerate(backend_ports, start=1):
+            site = site.replace(f"server 127.0.0.1:800{number};", f"server 127.0.0.1:{backend_port};")
+        assert "800" not in site, "deploy/nginx.conf has changed: update this fixture"
+        prefix = tmp_path / "nginx"
+        prefix.mkdir()
+        (prefix / "numbers.conf").write_text(site)
+        # The main configuration a distribution ships, reduced to what this test needs.
+        (prefix / "nginx.conf").write_text(
+            f"pid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/error.log info;\n"
+            "events {}\n"
+            "http {\n"
+            f"    access_log {prefix}/access.log;\n"
+            f"    include {prefix}/numbers.conf;\n"
+            "}\n"
+        )
+        command = [program, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
+        with open(prefix / "stdout.log", "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def answers():
+            assert process.poll() is None, (prefix / "error.log").read_text()
+            try:
+                return requests.get(url + "/healthz", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout=10, message="nginx")
+        return url
+
+    yield start
+    for process in processes:
+        stop_process(process)

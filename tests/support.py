@@ -3,6 +3,7 @@ raw protocol clients that can misbehave, and the server process's resources."""
 import json
 import socket
 import struct
+import bisect
 import threading
 import time
 from dataclasses import dataclass
@@ -42,9 +43,14 @@ class Listener:
         self.client.on(EVENT, self._received, namespace=NAMESPACE)
 
     def _received(self, message):
+        # The client runs each handler in a thread of its own, so two messages that
+        # arrive close together can get here in either order: keep them in id order.
+        # (The order the server sends in is checked with ordered clients: the
+        # Flask-SocketIO test client, the browser and the raw protocol clients.)
         with self.lock:
-            self.messages.append(message)
-            self.arrival_times.append(time.monotonic())
+            index = bisect.bisect_right(self.messages, message["id"], key=lambda kept: kept["id"])
+            self.messages.insert(index, message)
+            self.arrival_times.insert(index, time.monotonic())
 
     def connect(self, wait_timeout=10):
         self.client.connect(
