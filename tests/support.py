@@ -1,9 +1,9 @@
 """Helpers shared by the tests: polling, a real Socket.IO client that records what it hears,
 raw protocol clients that can misbehave, and the server process's resources."""
+import bisect
 import json
 import socket
 import struct
-import bisect
 import threading
 import time
 from dataclasses import dataclass
