@@ -485,6 +485,11 @@ def create_app(test_config=None):
         async_mode=app.config["ASYNC_MODE"],
         cors_allowed_origins=origins,
         message_queue=message_queue,
+        # WebSocket only, no long-polling: python-engineio 4.15.1 holds a thread
+        # forever on some malformed long-polling requests (any client could use up
+        # the server's threads), and without polling no sticky sessions are needed.
+        # Browsers that cannot use WebSockets have Server-Sent Events: /?transport=sse.
+        transports=["websocket"],
         ping_interval=app.config["PING_INTERVAL"],
         ping_timeout=app.config["PING_TIMEOUT"],
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],

@@ -86,6 +86,8 @@ function numberPage($feed) {
 // Receive the numbers over Socket.IO and hand them to the page.
 function connectSocketIO(page, namespace, event) {
   const socket = io(namespace, {
+    // The server accepts WebSockets only (no long-polling); see application.py.
+    transports: ['websocket'],
     // Sent on every connect and reconnect, so that the server sends only what we missed.
     auth: function (send) {
       const at = page.position();

@@ -1,14 +1,12 @@
 """Helpers shared by the tests: polling, a real Socket.IO client that records what it hears,
 raw protocol clients that can misbehave, and the server process's resources."""
 import bisect
-import json
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
 
-import requests
 import socketio
 import websocket
 
@@ -128,14 +126,6 @@ def drop_without_close(connection):
     """Reset the TCP connection, with no WebSocket close frame: the client's network vanished."""
     connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     connection.sock.close()
-
-
-def open_polling_session(server_url, **headers):
-    """Open a raw Engine.IO long-polling session; return its session id."""
-    response = requests.get(server_url + ENGINEIO_PATH + "polling", headers=headers, timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.text.startswith("0{"), response.text
-    return json.loads(response.text[1:])["sid"]
 
 
 @dataclass

@@ -5,13 +5,11 @@ The 10,000 connect/disconnect cycles are a soak test, left out of the default ru
 ``python -m pytest -m soak``.
 """
 import contextlib
-import http.client
 import json
 import logging
 import signal
 import socket
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,7 +25,6 @@ from support import (
     assert_stream_flows,
     drop_without_close,
     join_namespace,
-    open_polling_session,
     open_websocket,
     process_resources,
     wait_until,
@@ -171,53 +168,17 @@ def test_bad_handshake_query_is_refused(watched_server, query):
         assert response.status_code == 400
 
 
-# python-engineio 4.15.1 answers these POSTs by disconnecting the session and waiting, in the
-# request's thread, for the client to poll once more; a client that never does holds a server
-# thread forever (socket.close(wait=True) in Server.handle_request). Strict: fixed upstream, they pass.
-ENGINEIO_POST_HANG = pytest.mark.xfail(reason="python-engineio 4.15.1 hangs the request", strict=True)
-
-
-def post_to_polling_session(url, body):
-    """Open a long-polling session and POST ``body`` to it; return the response's status."""
-    session = open_polling_session(url)
-    # A second is plenty for a server that answers; it keeps the hanging cases short.
-    connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=1)
-    try:
-        connection.request("POST", f"{ENGINEIO_PATH}polling&sid={session}", body.encode())
-        return connection.getresponse().status
-    finally:
-        connection.close()  # now, not when the garbage collector finds it
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        "",
-        "zzz",
-        "4",
-        "49",
-        f"42{NAMESPACE},[",
-        "\x1e\x1e",
-        "40/admin,",
-        f'40{NAMESPACE},{{"last_id": -1}}',
-        pytest.param("9", marks=ENGINEIO_POST_HANG, id="unknown Engine.IO type"),
-        pytest.param("2", marks=ENGINEIO_POST_HANG, id="ping from the client"),
-        pytest.param(f'42{NAMESPACE},["hello", "{"x" * 20_000}"]', marks=ENGINEIO_POST_HANG, id="oversized"),
-    ],
-)
-def test_malformed_polling_body_is_shrugged_off(watched_server, body):
+@pytest.mark.parametrize("origin", [None, "http://evil.example"])
+def test_long_polling_is_refused(watched_server, origin):
+    # WebSocket only (see application.py): python-engineio 4.15.1 would hold a thread
+    # forever on some malformed long-polling POSTs, so none are accepted at all.
+    headers = {"Origin": origin} if origin else {}
     with shrugged_off(watched_server) as url:
-        assert post_to_polling_session(url, body) in (200, 400)
+        response = requests.get(url + ENGINEIO_PATH + "polling", headers=headers, timeout=5)
+        assert response.status_code == 400
 
 
 # Origins and headers.
-
-
-def test_cross_origin_polling_is_refused(watched_server):
-    with shrugged_off(watched_server) as url:
-        response = requests.get(url + ENGINEIO_PATH + "polling", headers={"Origin": "http://evil.example"}, timeout=5)
-        assert response.status_code == 400
-        assert open_polling_session(url, Origin=url)
 
 
 @pytest.mark.parametrize("path", ["/", "/healthz", "/static/app.js", "/no-such-page"])
@@ -257,7 +218,11 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
 
     def settled():
         """Only the watcher is left, and the server holds no more threads than before."""
-        return server.health()["clients"] == 1 and process_resources(pid).threads <= baseline.threads + 2
+        try:
+            clients = server.health()["clients"]
+        except requests.Timeout:
+            return False  # still busy letting go of the clients
+        return clients == 1 and process_resources(pid).threads <= baseline.threads + 2
 
     rounds = []
     for _ in range(2):  # the first round also grows the allocator's pools: compare the second with it
@@ -267,13 +232,17 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
         dropped_at = time.monotonic()
         for connection in connections:
             drop_without_close(connection)
-        wait_until(settled, timeout=ping_interval + ping_timeout, message="the server to let go of 1000 clients")
+        # Within one ping cycle, plus a margin for a busy machine.
+        wait_until(settled, timeout=ping_interval + ping_timeout + 5, message="the server to let go of 1000 clients")
         settled_after = time.monotonic() - dropped_at
         time.sleep(ping_timeout)  # Engine.IO sweeps closed sessions out once per ping timeout
         rounds.append((loaded, settled_after, process_resources(pid)))
 
     logger.info("1000 vanished clients: baseline %s; (loaded, seconds to settle, swept) %s", baseline, rounds)
-    assert rounds[1][2].rss_mib - rounds[0][2].rss_mib < 10
+    # A leak would keep most of what 1000 connections take (over 100 MiB); the allocator's
+    # noise between two rounds is a few MiB. A quarter of the load is the line between.
+    load_mib = rounds[0][0].rss_mib - baseline.rss_mib
+    assert rounds[1][2].rss_mib - rounds[0][2].rss_mib < load_mib / 4, rounds
     assert_stream_flows(watcher)
     watcher.disconnect()
 
