@@ -92,39 +92,6 @@ logger = logging.getLogger("application")
 socketio = SocketIO()
 
 
-class OncePerKind(logging.Filter):
-    """Let a library's error with a traceback through once per kind of error, as one line.
-
-    python-engineio logs every packet it cannot decode (truncated, unknown type,
-    deeply nested JSON, a huge integer) with a full traceback: any client could
-    flood the log by sending garbage. Like engineio's own "further occurrences
-    of this error" messages, log each kind once and drop the repeats.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def filter(self, record):
-        """Shorten a record with a traceback to one line, or drop it if its kind was logged before."""
-        if not record.exc_info:
-            return True
-        message, error = record.getMessage(), record.exc_info[1]
-        if (message, type(error)) in self.seen:
-            return False
-        self.seen.add((message, type(error)))
-        record.msg = "%s: %s: %s (further occurrences are not logged)"
-        record.args = (message, type(error).__name__, error)
-        record.exc_info = record.exc_text = None
-        return True
-
-
-# Passed to Socket.IO as its Engine.IO logger: errors only, as with its default.
-engineio_logger = logging.getLogger("application.engineio")
-engineio_logger.setLevel(logging.ERROR)
-engineio_logger.addFilter(OncePerKind())
-
-
 def next_number():
     """Return the next value to push: a random number in [0, 10) with 3 decimals."""
     return random.randrange(10_000) / 1000
@@ -444,6 +411,39 @@ def refuse_other_origins():
         return
     logger.warning("Refused %s to origin %r", request.path, origin[:100])
     abort(403)
+
+
+class OncePerKind(logging.Filter):
+    """Let a library's error with a traceback through once per kind of error, as one line.
+
+    python-engineio logs every packet it cannot decode (truncated, unknown type,
+    deeply nested JSON, a huge integer) with a full traceback: any client could
+    flood the log by sending garbage. Like engineio's own "further occurrences
+    of this error" messages, log each kind once and drop the repeats.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        """Shorten a record with a traceback to one line, or drop it if its kind was logged before."""
+        if not record.exc_info:
+            return True
+        message, error = record.getMessage(), record.exc_info[1]
+        if (message, type(error)) in self.seen:
+            return False
+        self.seen.add((message, type(error)))
+        record.msg = "%s: %s: %s (further occurrences are not logged)"
+        record.args = (message, type(error).__name__, error)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+# Passed to Socket.IO as its Engine.IO logger: errors only, as with its default.
+engineio_logger = logging.getLogger("application.engineio")
+engineio_logger.setLevel(logging.ERROR)
+engineio_logger.addFilter(OncePerKind())
 
 
 def load_settings(environ):
