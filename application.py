@@ -631,8 +631,6 @@ def main():
         logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     app = create_app()
     logger.info("Serving on http://%s:%d (%s mode)", args.host, args.port, socketio.async_mode)
-    # allow_unsafe_werkzeug: the development server also runs with no terminal
-    # attached (containers, service managers, CI). Use gunicorn in production.
     # Stop on SIGTERM (service managers, containers) as cleanly as on Ctrl+C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -643,6 +641,8 @@ def main():
             debug=args.debug,
             use_reloader=args.debug,
             log_output=args.debug,
+            # The development server also runs with no terminal attached
+            # (containers, service managers, CI). Use gunicorn in production.
             allow_unsafe_werkzeug=True,
         )
     except KeyboardInterrupt:
