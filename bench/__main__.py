@@ -45,6 +45,8 @@ async def load(server, count, idle_memory, args):
         memory = server.memory_bytes()
         window_ids = range(start["last_id"] + 1, end["last_id"] + 1)
         await drain(connected, window_ids, timeout=max(5.0, 5 * args.interval))
+        # Stop the server first: the clients' connections then close at once, with no handshake to wait for.
+        await asyncio.to_thread(server.stop)
     finally:
         await clients.close_all(connected)
     return summarize(server.mode, connected, window_ids, start, end, idle_memory, memory)

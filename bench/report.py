@@ -45,7 +45,10 @@ def format_row(row, first=False):
     if not first:
         return line
     widths = [len(cell) for cell in cells]
-    headings = "  ".join(heading.rjust(width) for (_, heading, _), width in zip(COLUMNS, widths))
+    headings = "  ".join(
+        heading.ljust(width) if fmt.startswith("{:<") else heading.rjust(width)
+        for (_, heading, fmt), width in zip(COLUMNS, widths)
+    )
     return headings + "\n" + line
 
 
