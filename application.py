@@ -17,9 +17,11 @@ import os
 
 # gevent must patch the standard library before anything else imports it.
 if os.environ.get("ASYNC_MODE") == "gevent":
-    from gevent import monkey
+    from gevent import get_hub, monkey
 
     monkey.patch_all()
+    # Ctrl+C and SIGTERM stop the server: an end, not an error for gevent to print.
+    get_hub().NOT_ERROR += (KeyboardInterrupt,)
 
 import argparse
 import collections

@@ -128,9 +128,10 @@ def test_allowed_origins_are_configurable(live_server):
         Listener(server.url, origin="http://evil.example").connect()
 
 
+@pytest.mark.parametrize("async_mode", ["threading", "gevent"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stops_promptly_with_clients_connected(live_server, sig):
-    server = live_server(INTERVAL=0.05)
+def test_stops_promptly_with_clients_connected(live_server, sig, async_mode):
+    server = live_server(ASYNC_MODE=async_mode, INTERVAL=0.05)
     listeners = [Listener(server.url).connect() for _ in range(5)]
     for listener in listeners:
         listener.wait_for_count(2)
@@ -138,6 +139,8 @@ def test_stops_promptly_with_clients_connected(live_server, sig):
     assert server.stop(sig, timeout=5) == 0
     assert time.monotonic() - started < 2
     assert "Stopped" in server.log()
+    assert "Traceback" not in server.log()
+    assert "KeyboardInterrupt" not in server.log()
     wait_until(lambda: not any(listener.client.connected for listener in listeners), message="clients to notice")
 
 
