@@ -36,7 +36,7 @@ def measure(mode, count, args, cpus):
 async def load(server, count, idle_memory, args):
     """Connect the clients, wait out the warm-up, and measure the steady window."""
     url = f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket"
-    connected = await clients.connect_all(url, count)
+    connected = await clients.connect_all(url, count, args.deflate)
     try:
         await asyncio.sleep(args.warmup)
         start = await window_edge(server)
@@ -134,6 +134,10 @@ def main():
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the measured window")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after connecting, before measuring")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between broadcasts")
+    parser.add_argument(
+        "--no-deflate", dest="deflate", action="store_false",
+        help="do not offer WebSocket compression (browsers do, and the server accepts it)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for CSV and plot")
     args = parser.parse_args()
 
