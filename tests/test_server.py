@@ -5,6 +5,7 @@ import time
 
 import pytest
 import socketio
+import websockets.sync.client
 
 from support import Listener, assert_consecutive, disconnect_all, wait_until
 
@@ -117,6 +118,16 @@ def test_cross_origin_connection_is_refused(live_server):
     same_origin = Listener(server.url, origin=server.url).connect()
     wait_until(lambda: server.health()["clients"] == 1, message="same-origin client")
     same_origin.disconnect()
+
+
+@pytest.mark.parametrize("async_mode", ["threading", "gevent"])
+def test_websocket_compression_is_declined(live_server, async_mode):
+    """Browsers offer permessage-deflate; for small messages it costs more than it saves (README, "Speed")."""
+    server = live_server(ASYNC_MODE=async_mode)
+    url = server.url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
+    with websockets.sync.client.connect(url, compression="deflate", close_timeout=0.1) as websocket:
+        assert websocket.recv().startswith("0{")  # Engine.IO's open packet: the connection works
+        assert "Sec-WebSocket-Extensions" not in websocket.response.headers
 
 
 def test_allowed_origins_are_configurable(live_server):
