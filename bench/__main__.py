@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import websockets
+
 from bench import clients, report
 from bench.server import Server
 
@@ -150,13 +152,24 @@ def main():
     if cpus[1] is not None:
         os.sched_setaffinity(0, {cpus[1]})
     rows = []
+    failed = 0
     for mode in args.mode:
         for count in args.clients:
-            rows.append(measure(mode, count, args, cpus))
+            try:
+                rows.append(measure(mode, count, args, cpus))
+            except (OSError, RuntimeError, websockets.WebSocketException) as error:
+                # A server that cannot take this many clients is a result too: say so, and go on.
+                failed += 1
+                print(f"{mode} with {count} clients failed: {error!r}", file=sys.stderr, flush=True)
+                continue
             print(report.format_row(rows[-1], first=len(rows) == 1), flush=True)
+    if not rows:
+        sys.exit("no measurement succeeded")
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(rows, args.out / "results.csv")
     report.plot(rows, machine, args.out / "results.png")
+    if failed:
+        sys.exit(f"{failed} of the measurements failed")
 
 
 if __name__ == "__main__":

@@ -48,15 +48,15 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.output()}")
             try:
-                return self.health()
+                return self.health(timeout=1.0)
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not answer within {timeout} s:\n{self.output()}")
                 time.sleep(0.05)
 
-    def health(self):
-        """Return the server's /healthz answer."""
-        with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
+    def health(self, timeout=30.0):
+        """Return the server's /healthz answer (a loaded server may take seconds to give it)."""
+        with urllib.request.urlopen(self.url + "/healthz", timeout=timeout) as response:
             return json.load(response)
 
     def cpu_seconds(self):
