@@ -21,9 +21,11 @@ import os
 
 # gevent must patch the standard library before anything else imports it.
 if os.environ.get("ASYNC_MODE") == "gevent":
-    from gevent import monkey
+    from gevent import get_hub, monkey
 
     monkey.patch_all()
+    # Ctrl+C and SIGTERM stop the server: an end, not an error for gevent to print.
+    get_hub().NOT_ERROR += (KeyboardInterrupt,)
 
 import argparse
 import collections
@@ -464,6 +466,21 @@ def allowed_origins(setting):
     return [origin.strip() for origin in setting.split(",") if origin.strip()]
 
 
+def without_websocket_compression(wsgi_app):
+    """Wrap a WSGI app so that WebSocket clients are never granted compression (permessage-deflate).
+
+    Browsers always ask for it. Each connection would then keep its own zlib
+    state and compress every message on its own, which for messages of a
+    hundred bytes saves nothing and costs, measured with ``python -m bench``,
+    about 100 KB of memory per connection and 10 us of CPU per message sent.
+    """
+    def refuse_compression(environ, start_response):
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)  # the offer the browser sent
+        return wsgi_app(environ, start_response)
+
+    return refuse_compression
+
+
 def create_app(test_config=None):
     """Create the Flask app: settings from the code, then the environment, then ``test_config``."""
     app = Flask(__name__)
@@ -495,6 +512,7 @@ def create_app(test_config=None):
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],
         engineio_logger=engineio_logger,
     )
+    app.wsgi_app = without_websocket_compression(app.wsgi_app)
     if message_queue is not None:
         join_cluster(feed, message_queue, app.config["HISTORY_SIZE"])
     if origins is not None:

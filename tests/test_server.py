@@ -5,6 +5,7 @@ import time
 
 import pytest
 import socketio
+import websockets.sync.client
 
 from support import Listener, assert_consecutive, disconnect_all, wait_until
 
@@ -119,6 +120,16 @@ def test_cross_origin_connection_is_refused(live_server):
     same_origin.disconnect()
 
 
+@pytest.mark.parametrize("async_mode", ["threading", "gevent"])
+def test_websocket_compression_is_declined(live_server, async_mode):
+    """Browsers offer permessage-deflate; for small messages it costs more than it saves (README, "Speed")."""
+    server = live_server(ASYNC_MODE=async_mode)
+    url = server.url.replace("http", "ws", 1) + "/socket.io/?EIO=4&transport=websocket"
+    with websockets.sync.client.connect(url, compression="deflate", close_timeout=0.1) as websocket:
+        assert websocket.recv().startswith("0{")  # Engine.IO's open packet: the connection works
+        assert "Sec-WebSocket-Extensions" not in websocket.response.headers
+
+
 def test_allowed_origins_are_configurable(live_server):
     server = live_server(ALLOWED_ORIGINS="https://app.example, https://other.example")
     friend = Listener(server.url, origin="https://other.example").connect()
@@ -128,9 +139,10 @@ def test_allowed_origins_are_configurable(live_server):
         Listener(server.url, origin="http://evil.example").connect()
 
 
+@pytest.mark.parametrize("async_mode", ["threading", "gevent"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stops_promptly_with_clients_connected(live_server, sig):
-    server = live_server(INTERVAL=0.05)
+def test_stops_promptly_with_clients_connected(live_server, sig, async_mode):
+    server = live_server(ASYNC_MODE=async_mode, INTERVAL=0.05)
     listeners = [Listener(server.url).connect() for _ in range(5)]
     for listener in listeners:
         listener.wait_for_count(2)
@@ -138,6 +150,8 @@ def test_stops_promptly_with_clients_connected(live_server, sig):
     assert server.stop(sig, timeout=5) == 0
     assert time.monotonic() - started < 2
     assert "Stopped" in server.log()
+    assert "Traceback" not in server.log()
+    assert "KeyboardInterrupt" not in server.log()
     wait_until(lambda: not any(listener.client.connected for listener in listeners), message="clients to notice")
 
 
