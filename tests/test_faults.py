@@ -20,6 +20,7 @@ from application import SECURITY_HEADERS
 from support import (
     ENGINEIO_PATH,
     NAMESPACE,
+    WRONG_RESUME_DATA,
     Listener,
     assert_consecutive,
     assert_stream_flows,
@@ -109,24 +110,7 @@ def test_events_from_clients_are_ignored(watched_server, event):
         connection.close()
 
 
-@pytest.mark.parametrize(
-    "auth",
-    [
-        {"last_id": "3"},
-        {"last_id": -1},
-        {"last_id": 1.5},
-        {"last_id": 10**30},
-        {"last_id": [1]},
-        {"last_id": {"id": 1}},
-        {"last_id": None},
-        {"last_id": True},
-        {"last_id": 1, "stream": ["not", "a", "stream"]},
-        "a string",
-        [1, 2],
-        None,
-    ],
-    ids=repr,
-)
+@pytest.mark.parametrize("auth", WRONG_RESUME_DATA, ids=repr)
 def test_resume_data_of_the_wrong_type_is_ignored(watched_server, auth):
     with shrugged_off(watched_server) as url:
         connection = open_websocket(url)
@@ -207,13 +191,18 @@ def connect_raw_clients(url, count):
         return list(pool.map(connect_raw_client, [url] * count))
 
 
+def start_watched_server(live_server, ping_interval, ping_timeout):
+    """Start a server with short pings and a client that watches its stream; return server, pid, watcher."""
+    server = live_server(INTERVAL=0.1, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
+    watcher = Listener(server.url).connect()
+    watcher.wait_for_count(3)
+    return server, server.process.pid, watcher
+
+
 def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
     # Raw clients never answer pings: they must be gone before the first ping times out.
     ping_interval, ping_timeout = 6, 3
-    server = live_server(INTERVAL=0.1, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
-    pid = server.process.pid
-    watcher = Listener(server.url).connect()
-    watcher.wait_for_count(3)
+    server, pid, watcher = start_watched_server(live_server, ping_interval, ping_timeout)
     baseline = process_resources(pid)
 
     def settled():
@@ -250,10 +239,7 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
 @pytest.mark.soak
 def test_ten_thousand_connect_disconnect_cycles_do_not_grow(live_server):
     ping_interval, ping_timeout = 5, 5
-    server = live_server(INTERVAL=0.1, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
-    pid = server.process.pid
-    watcher = Listener(server.url).connect()
-    watcher.wait_for_count(3)
+    server, pid, watcher = start_watched_server(live_server, ping_interval, ping_timeout)
     baseline_threads = process_resources(pid).threads
 
     def cycles(count):

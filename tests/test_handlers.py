@@ -5,7 +5,7 @@ import pytest
 
 import application
 from application import broadcast, socketio
-from support import EVENT, NAMESPACE, assert_consecutive, wait_until
+from support import EVENT, NAMESPACE, WRONG_RESUME_DATA, assert_consecutive, wait_until
 
 
 def received_ids(test_client):
@@ -126,25 +126,7 @@ def test_resume_when_up_to_date_sends_nothing(app, feed):
     assert received_ids(test_client) == []
 
 
-@pytest.mark.parametrize(
-    "auth",
-    [
-        {"last_id": "3"},
-        {"last_id": -1},
-        {"last_id": 2.5},
-        {"last_id": 10**30},
-        {"last_id": [3]},
-        {"last_id": {"id": 3}},
-        {"last_id": None},
-        {"last_id": True},
-        {"last_id": 3, "stream": "another-stream"},
-        {"last_id": 3, "stream": None},
-        {"something": "else"},
-        "not a mapping",
-        [1, 2, 3],
-    ],
-    ids=repr,
-)
+@pytest.mark.parametrize("auth", WRONG_RESUME_DATA, ids=repr)
 def test_bad_resume_data_means_full_history(app, feed, auth):
     for number in range(5):
         broadcast(feed, float(number))
