@@ -366,7 +366,7 @@ def subscribe(feed, last_id):
 
 
 def unsubscribe(feed, subscriber):
-    """Let a streaming client go, unless broadcast() has dropped it already."""
+    """Let a streaming client go, unless fan_out() has dropped it already."""
     with feed.lock:
         if subscriber in feed.subscribers:
             feed.subscribers.remove(subscriber)
