@@ -16,7 +16,5 @@ control_socket_disable = True
 
 
 def worker_exit(server, worker):
-    """Let another process lead the cluster at once when this one stops, not after its lock expires."""
-    from application import stop_feed
-
-    stop_feed(worker.wsgi)
+    """Stop the producer; in a cluster, let another process lead at once, not after its lock expires."""
+    worker.wsgi.extensions["feed"].stop()

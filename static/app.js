@@ -46,6 +46,7 @@ function numberPage($feed) {
   const $state = $feed.find('#state');
   const chart = $feed.find('#chart')[0];
   const historySize = Number($feed.data('history-size'));
+  const field = $feed.data('value'); // the field of a message that holds the value
   let stream = null; // the stream the shown numbers come from
   let lastId = 0; // the newest id shown
   let values = []; // the shown values, oldest first
@@ -67,11 +68,11 @@ function numberPage($feed) {
     }
     lastId = message.id;
     $('<li>')
-      .text(formatValue(message.number)) // as text, never as HTML
+      .text(formatValue(message[field])) // as text, never as HTML
       .attr('data-id', message.id)
       .prependTo($numbers);
     $numbers.children().slice(historySize).remove();
-    values = values.concat([message.number]).slice(-historySize);
+    values = values.concat([message[field]]).slice(-historySize);
     drawChart(chart, values, historySize);
   }
 

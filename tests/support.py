@@ -10,29 +10,7 @@ from dataclasses import dataclass
 import socketio
 import websocket
 
-NAMESPACE = "/test"
-EVENT = "newnumber"
-
-
-# Resume data a client may send that is not a usable {"last_id": N, "stream": S}:
-# each must be treated as absent (the client gets the whole history), never as an error.
-WRONG_RESUME_DATA = [
-    {"last_id": "3"},
-    {"last_id": -1},
-    {"last_id": 2.5},
-    {"last_id": 10**30},
-    {"last_id": [3]},
-    {"last_id": {"id": 3}},
-    {"last_id": None},
-    {"last_id": True},
-    {"last_id": 3, "stream": "another-stream"},
-    {"last_id": 3, "stream": None},
-    {"last_id": 3, "stream": ["not", "a", "stream"]},
-    {"something": "else"},
-    "not a mapping",
-    [1, 2, 3],
-    None,
-]
+from protocol import EVENT, NAMESPACE
 
 
 def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from bench.report import COLUMNS
-from conftest import PROJECT
+from live import PROJECT
 
 MODES = ["threading", "gevent"]
 

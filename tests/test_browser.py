@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from live import browser, live_server, module_live_server, open_tab  # noqa: F401  (fixtures)
 from sources import markup
 from support import Listener, assert_consecutive, wait_until
 

@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from application import create_app, socketio
-from conftest import PROJECT, require_program
-from support import NAMESPACE, Listener, assert_consecutive, disconnect_all, wait_until
+from live import PROJECT, live_server, nginx, redis_url, require_program  # noqa: F401  (fixtures)
+from protocol import NAMESPACE
+from support import Listener, assert_consecutive, disconnect_all, wait_until
 
 INTERVAL = 0.2
 LEADER_TIMEOUT = 3.0  # cluster.LEADER_TIMEOUT
@@ -61,8 +62,12 @@ def read_events(url, count, last_id=None):
         connection.close()
 
 
+LEADS = "This process leads the cluster"
+
+
 def producers_started(servers):
-    return sum(server.log().count("Producer started") for server in servers)
+    """How many times a process of the cluster has started to produce (to lead)."""
+    return sum(server.log().count(LEADS) for server in servers)
 
 
 def test_every_client_of_every_process_gets_each_broadcast_once_with_the_same_id(start_cluster):
@@ -132,7 +137,7 @@ def test_killing_the_leader_hands_the_stream_to_another_process_without_duplicat
         # The survivor takes over once the dead leader's lock expires.
         wait_until(lambda: len(listener.ids()) >= before + 5, timeout=LEADER_TIMEOUT + 10, message="5 more")
         assert survivor.health()["leader"]
-        assert "Producer started" in survivor.log()
+        assert LEADS in survivor.log()
         messages = listener.wait_for_count(before + 5)
         assert_consecutive([message["id"] for message in messages])
         # The gap in the stream: from the last number before the kill to the first after it.
@@ -153,8 +158,8 @@ def test_a_leader_that_stops_lets_another_process_produce_at_once(start_cluster)
         staying.wait_for_count(3)
         assert first.health()["leader"]
         leaving.disconnect()  # the first process stops producing after its grace period
-        wait_until(lambda: "Producer started" in second.log(), timeout=15, message="the second to lead")
-        assert "Producer stopped" in first.log()
+        wait_until(lambda: LEADS in second.log(), timeout=15, message="the second to lead")
+        assert "This process no longer leads the cluster" in first.log()
         count = len(staying.ids())
         messages = staying.wait_for_count(count + 3)
         assert_consecutive([message["id"] for message in messages])
@@ -186,7 +191,7 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
         assert result.returncode == 0, result.stdout + result.stderr
         published = json.loads(result.stdout)
         # From another program, through Redis, as the README shows.
-        command = [sys.executable, "application.py", "--publish", "7.5"]
+        command = [sys.executable, "-m", "flask", "--app", "application", "publish", "7.5"]
         env = {**servers[0].env}
         result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
@@ -261,6 +266,23 @@ def test_without_redis_a_process_serves_on_and_says_so(start_cluster, redis_url)
         disconnect_all(listeners)
 
 
+def test_a_process_that_shuts_down_never_leads_again(redis_url):
+    app = create_app({"TESTING": True, "INTERVAL": 0.2, "MESSAGE_QUEUE": redis_url})
+    feed = app.extensions["feed"]
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        assert feed.source() is not None  # the only process: it leads, and produces
+        assert connection.exists("numbers:leader")
+        feed.stop()
+        assert not connection.exists("numbers:leader")  # let go at once
+        # A producer still inside its tick when the shutdown came must not take the lock again.
+        assert feed.source() is None
+        assert not connection.exists("numbers:leader")
+    finally:
+        feed.stop()
+        connection.close()
+
+
 # --- POST /publish, in one process (no Redis needed) ---
 
 
@@ -268,7 +290,7 @@ def test_without_redis_a_process_serves_on_and_says_so(start_cluster, redis_url)
 def publishing_app():
     app = create_app({"TESTING": True, "SECRET_KEY": "test", "INTERVAL": 3600.0, "PUBLISH_TOKEN": "secret"})
     yield app
-    app.extensions["number_feed"].stop()
+    app.extensions["feed"].stop()
 
 
 def test_publish_is_off_without_a_token(client):
@@ -289,7 +311,7 @@ def test_publish_refuses_a_missing_or_wrong_token(publishing_app, headers, statu
     response = publishing_app.test_client().post("/publish", json={"number": 1}, headers=headers)
     assert response.status_code == status
     assert "error" in response.get_json()
-    assert publishing_app.extensions["number_feed"].last_id == 0
+    assert publishing_app.extensions["feed"].last_id == 0
 
 
 @pytest.mark.parametrize(
@@ -302,11 +324,11 @@ def test_publish_refuses_a_body_without_a_finite_number(publishing_app, body):
     response = publishing_app.test_client().post("/publish", data=body, headers=headers)
     assert response.status_code == 400
     assert response.get_json() == {"error": 'Send a JSON object {"number": <a finite number>}.'}
-    assert publishing_app.extensions["number_feed"].last_id == 0
+    assert publishing_app.extensions["feed"].last_id == 0
 
 
 def test_a_published_number_takes_the_next_id_and_reaches_live_clients(publishing_app):
-    feed = publishing_app.extensions["number_feed"]
+    feed = publishing_app.extensions["feed"]
     socketio_client = socketio.test_client(publishing_app, namespace=NAMESPACE)
     response = publishing_app.test_client().post(
         "/publish", json={"number": 2.5}, headers={"Authorization": "Bearer secret"}

@@ -16,11 +16,12 @@ import pytest
 import requests
 import websocket
 
-from application import SECURITY_HEADERS
+from extras.hardening import SECURITY_HEADERS
+from live import live_server, module_live_server  # noqa: F401  (fixtures)
+from protocol import NAMESPACE
+from test_handlers import WRONG_RESUME_DATA
 from support import (
     ENGINEIO_PATH,
-    NAMESPACE,
-    WRONG_RESUME_DATA,
     Listener,
     assert_consecutive,
     assert_stream_flows,

@@ -5,8 +5,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from application import broadcast, create_app, socketio
-from support import EVENT, NAMESPACE
+from application import create_app, socketio
+from protocol import EVENT, NAMESPACE
 
 HISTORY_SIZE = 5
 CLIENTS = 3
@@ -27,7 +27,7 @@ class ResumeMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.app = create_app({"TESTING": True, "SECRET_KEY": "test", "HISTORY_SIZE": HISTORY_SIZE})
-        self.feed = self.app.extensions["number_feed"]
+        self.feed = self.app.extensions["feed"]
         self.feed.stop()  # no producer: the rules decide when a broadcast goes out
         self.clients = [Client() for _ in range(CLIENTS)]
 
@@ -37,7 +37,7 @@ class ResumeMachine(RuleBasedStateMachine):
 
     @rule(number=st.floats(0, 10))
     def broadcast(self, number):
-        broadcast(self.feed, number)
+        self.feed.publish(number)
 
     @rule(index=st.integers(0, CLIENTS - 1))
     def connect_afresh(self, index):

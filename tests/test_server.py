@@ -7,6 +7,7 @@ import pytest
 import socketio
 import websockets.sync.client
 
+from live import live_server  # noqa: F401  (a fixture)
 from support import Listener, assert_consecutive, disconnect_all, wait_until
 
 @pytest.mark.parametrize("async_mode", ["threading", "gevent"])

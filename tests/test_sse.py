@@ -10,9 +10,12 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-import sse
-from application import broadcast, create_app, requested_last_id
-from support import EVENT, Listener, assert_consecutive, wait_until
+from application import create_app
+from extras import streaming
+from extras.streaming import requested_last_id
+from live import live_server  # noqa: F401  (a fixture)
+from protocol import EVENT
+from support import Listener, assert_consecutive, wait_until
 
 GUNICORN = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
 SERVERS = {  # the command (None: python application.py) and environment of each server
@@ -111,7 +114,7 @@ def read_chunks(response, count):
 
 def test_stream_sends_headers_hint_and_history(client, feed):
     for number in (1.5, 2.5, 3.5):
-        broadcast(feed, number)
+        feed.publish(number)
     response = client.get("/stream?last_id=1", headers={"Accept-Encoding": "gzip"})
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
@@ -124,31 +127,31 @@ def test_stream_sends_headers_hint_and_history(client, feed):
     assert second.decode() == f"id: 2\nevent: newnumber\ndata: {json.dumps(message)}\n\n"
     assert message == feed.history[1]
     assert third.startswith(b"id: 3\n")
-    assert feed.clients == 1
+    assert feed.listeners == 1
     response.close()
-    assert feed.clients == 0
+    assert feed.listeners == 0
 
 
 def test_stream_sends_each_broadcast_to_every_subscriber(client, feed):
     first, second = client.get("/stream"), client.get("/stream")
     read_chunks(first, 1), read_chunks(second, 1)  # subscribed from here on
-    broadcast(feed, 4.5)
+    feed.publish(4.5)
     assert read_chunks(first, 1)[0].startswith(b"id: 1\n")
     assert read_chunks(second, 1)[0].startswith(b"id: 1\n")
     first.close(), second.close()
-    assert feed.clients == 0 and feed.subscribers == set()
+    assert feed.listeners == 0 and not client.application.extensions["streaming_subscribers"]
 
 
 def test_a_full_queue_drops_the_subscriber_and_spares_the_rest(client, feed, caplog):
     slow, fast = client.get("/stream"), client.get("/stream")
     read_chunks(slow, 1), read_chunks(fast, 1)
-    for number in range(sse.QUEUE_SIZE + 1):
-        broadcast(feed, number)
+    for number in range(streaming.QUEUE_SIZE + 1):
+        feed.publish(number)
         read_chunks(fast, 1)
-    assert feed.clients == 1
+    assert feed.listeners == 1
     assert caplog.text.count("Dropped a streaming client") == 1
     slow.close(), fast.close()
-    assert feed.clients == 0
+    assert feed.listeners == 0
 
 
 @pytest.mark.parametrize(
@@ -163,8 +166,8 @@ def test_a_full_queue_drops_the_subscriber_and_spares_the_rest(client, feed, cap
     ids=["one-line", "lf", "crlf-and-cr", "empty", "non-ascii"],
 )
 def test_frame_event_follows_the_line_rules(data, framed):
-    assert sse.frame_event(data) == framed + "\n"
-    assert sse.frame_event(data, event="e", event_id=7) == "id: 7\nevent: e\n" + framed + "\n"
+    assert streaming.frame_event(data) == framed + "\n"
+    assert streaming.frame_event(data, event="e", event_id=7) == "id: 7\nevent: e\n" + framed + "\n"
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "²", "9" * 40, " 4"])
@@ -198,7 +201,7 @@ def test_stream_origins(setting, origin, status, allow_origin, caplog):
     assert response.headers.get("Access-Control-Allow-Origin") == allow_origin
     assert ("Refused /stream" in caplog.text) == (status == 403)
     response.close()
-    app.extensions["number_feed"].stop()
+    app.extensions["feed"].stop()
 
 
 # The real servers, with real HTTP clients.

@@ -1,16 +1,16 @@
-"""One stream for several server processes, through Redis (used when MESSAGE_QUEUE is set).
+"""Several server processes, one stream, through Redis (on when MESSAGE_QUEUE is set).
 
-Redis holds the truth: the stream id, the last id and the history. A number
+Redis holds the truth: the stream id, the last id and the history. A value
 enters the stream only through ``Cluster.publish``, one Lua script that gives it
 the next id, keeps it in the history and publishes it on a channel, all at once.
-Every process follows that channel (``Cluster.follow``) and hands each message to
-its own clients, so each process's ``NumberFeed`` is a mirror of the same stream.
+Every process follows that channel (``Cluster.follow``) and delivers each message
+to its own clients, so each process's feed is a mirror of the same stream.
 
 One process produces: the one holding the leader lock, a Redis key that expires
-unless its holder renews it. If the leader dies, the key expires and another
-process with listeners takes over; ids carry on from Redis, so none repeats.
-
-This module knows nothing about Flask: the app passes in what it needs.
+unless its holder renews it. Every process with listeners runs the producer, and
+the source returns a value only on the leader. If the leader dies, the key
+expires and another process with listeners takes over; ids carry on from Redis,
+so none repeats.
 """
 import json
 import logging
@@ -19,6 +19,8 @@ import time
 import uuid
 
 import redis
+
+from protocol import VALUE
 
 KEY_PREFIX = "numbers:"
 STREAM_KEY = KEY_PREFIX + "stream"  # the stream id, set once by whichever process comes first
@@ -65,7 +67,37 @@ end
 return 0
 """
 
-logger = logging.getLogger("cluster")
+logger = logging.getLogger("extras.cluster")
+
+
+def init_app(app):
+    """With MESSAGE_QUEUE set: values go through Redis, and the feed mirrors the cluster's stream."""
+    url = app.config["MESSAGE_QUEUE"]
+    if not url:
+        return
+    feed = app.extensions["feed"]
+    cluster = Cluster(url, app.config["HISTORY_SIZE"], feed.interval, feed.stopped)
+    source = feed.source
+    feed.source = lambda: source() if cluster.lead() else None  # only the leader produces
+    feed.publish = cluster.publish  # Redis gives the ids; the message comes back through follow()
+    feed.on_producer_stop.append(cluster.resign)  # let another process lead at once
+    feed.health_checks.append(cluster.status)
+    socketio = app.extensions["socketio"]
+    socketio.start_background_task(cluster.follow, lambda message: mirror(feed, message), socketio.sleep)
+    if not cluster.synced.wait(timeout=5):
+        logger.warning("Serving without the cluster's history: Redis has not answered yet")
+
+
+def mirror(feed, message):
+    """Deliver a message of the cluster's stream to this process's clients, unless they had it already."""
+    with feed.lock:
+        if message["stream"] != feed.stream_id:
+            # Another stream (the first one this process sees, or Redis was emptied): start afresh.
+            feed.stream_id = message["stream"]
+            feed.history.clear()
+            feed.last_id = 0
+        if message["id"] > feed.last_id:
+            feed.deliver(message)
 
 
 def pass_on(raw, deliver):
@@ -83,22 +115,27 @@ def pass_on(raw, deliver):
 class Cluster:
     """This process's side of the stream in Redis: publish, follow, and take turns to produce."""
 
-    def __init__(self, url, history_size):
+    def __init__(self, url, history_size, interval, stopped):
         self.redis = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=5
         )
         self.history_size = history_size
+        self.interval = interval
+        self.stopped = stopped  # set when this process shuts down: it must not lead again
         self.token = uuid.uuid4().hex  # names this process in the leader lock
         self.leading = False
+        # Taking, renewing and letting go of the leader lock happen one at a time, so
+        # that a shutdown that lets it go cannot be undone by a producer renewing it.
+        self.leader_lock = threading.Lock()
         self.available = None  # unknown until the first attempt to reach Redis
         self.synced = threading.Event()  # set once the history has been loaded
         self._record = self.redis.register_script(RECORD_SCRIPT)
         self._lead = self.redis.register_script(LEAD_SCRIPT)
         self._resign = self.redis.register_script(RESIGN_SCRIPT)
 
-    def publish(self, number):
-        """Add a number to the cluster's stream; return the message, or None if Redis is unavailable."""
-        fields = json.dumps({"number": number, "time": time.time()}, ensure_ascii=False)
+    def publish(self, value):
+        """Add a value to the cluster's stream; return the message, or None if Redis is unavailable."""
+        fields = json.dumps({VALUE: value, "time": time.time()}, ensure_ascii=False)
         keys = [STREAM_KEY, LAST_ID_KEY, HISTORY_KEY]
         try:
             message = self._record(keys, [uuid.uuid4().hex, fields, self.history_size, CHANNEL])
@@ -132,32 +169,34 @@ class Cluster:
                 pubsub.close()
             sleep(RETRY_DELAY)
 
-    def lead(self, interval):
+    def lead(self):
         """Take or renew the leader lock; return True if this process is to produce now."""
         # The lock must outlive the time between two renewals, one interval.
-        ttl_ms = int((LEADER_TIMEOUT + interval) * 1000)
-        try:
-            leading = bool(self._lead([LEADER_KEY], [self.token, ttl_ms]))
-        except redis.RedisError as error:
-            self._set_available(False, error)
-            leading = False
-        if leading and not self.leading:
-            logger.info("Producer started: this process leads the cluster")
-        elif self.leading and not leading:
-            logger.info("Producer stopped: this process no longer leads the cluster")
-        self.leading = leading
+        ttl_ms = int((LEADER_TIMEOUT + self.interval) * 1000)
+        with self.leader_lock:
+            if self.stopped.is_set():
+                return False
+            try:
+                leading = bool(self._lead([LEADER_KEY], [self.token, ttl_ms]))
+            except redis.RedisError as error:
+                self._set_available(False, error)
+                leading = False
+            if leading != self.leading:
+                logger.info("This process %s the cluster", "leads" if leading else "no longer leads")
+            self.leading = leading
         return leading
 
     def resign(self):
         """Let another process produce at once, rather than after the leader lock expires."""
-        if not self.leading:
-            return
-        self.leading = False
-        logger.info("Producer stopped: this process no longer leads the cluster")
-        try:
-            self._resign([LEADER_KEY], [self.token])
-        except redis.RedisError as error:
-            self._set_available(False, error)
+        with self.leader_lock:
+            if not self.leading:
+                return
+            self.leading = False
+            logger.info("This process no longer leads the cluster")
+            try:
+                self._resign([LEADER_KEY], [self.token])
+            except redis.RedisError as error:
+                self._set_available(False, error)
 
     def status(self):
         """Describe the cluster as Redis sees it, for the health check."""
@@ -165,7 +204,7 @@ class Cluster:
             stream, last_id, leader = self.redis.mget(STREAM_KEY, LAST_ID_KEY, LEADER_KEY)
         except redis.RedisError as error:
             self._set_available(False, error)
-            return {"redis": "unavailable", "leader": False, "leader_exists": None}
+            return {"redis": "unavailable", "leader": False, "leader_exists": None, "problem": "Redis is unavailable"}
         status = {
             "redis": "ok",
             "leader": leader is not None and leader.decode() == self.token,

@@ -1,0 +1,8 @@
+"""The names other programs rely on: the app, its extras, the page, the tests and the benchmark take them from here.
+
+A message is a JSON object: ``{VALUE: <the value>, "id": 1, 2, 3..., "time": <UNIX epoch seconds>,
+"stream": <changes when the ids begin again>}`` (see the README, "The stream").
+"""
+NAMESPACE = "/test"  # the Socket.IO namespace of the stream
+EVENT = "newnumber"  # the event (Socket.IO, and Server-Sent Events' "event:") that carries each message
+VALUE = "number"  # the field of a message that holds the value next_number() made
