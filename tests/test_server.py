@@ -1,13 +1,17 @@
 """Tests against the real server in a subprocess, with the real python-socketio client over WebSockets."""
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+import requests
 import socketio
 import websockets.sync.client
 
-from live import live_server  # noqa: F401  (a fixture)
+from live import PROJECT, live_server  # noqa: F401  (a fixture)
 from support import Listener, assert_consecutive, disconnect_all, wait_until
 
 @pytest.mark.parametrize("async_mode", ["threading", "gevent"])
@@ -176,3 +180,38 @@ def test_a_test_number_source_replaces_next_number(live_server):
     (message, *_) = listener.wait_for_count(1)
     listener.disconnect()
     assert message["number"] == '<img src="x" onerror="window.injected = true">'
+
+
+@pytest.mark.parametrize(
+    "name, value", [("INTERVAL", "0"), ("HISTORY_SIZE", "many"), ("ASYNC_MODE", "eventlet"), ("PORT", "http")]
+)
+def test_a_bad_setting_stops_the_server_at_once_with_one_line(name, value):
+    command = [sys.executable, "application.py", "--port", "0"] if name != "PORT" else [sys.executable, "application.py"]
+    env = {**os.environ, name: value}
+    result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr, result.stderr  # usage, then the error
+    assert name in result.stderr or name.lower() in result.stderr
+    assert repr(value) in result.stderr
+
+
+def test_the_core_alone_serves_the_protocol_end_to_end(live_server):
+    """No extras at all: connect, history, live messages and resume still work."""
+    command = ["gunicorn", "--worker-class", "gthread", "--threads", "20", "--bind", "127.0.0.1:{port}",
+               "application:create_app(extras=[])"]  # fmt: skip
+    server = live_server(command=command, INTERVAL=0.05)
+    assert requests.get(server.url + "/stream", timeout=5).status_code == 404
+    assert "Content-Security-Policy" not in requests.get(server.url + "/", timeout=5).headers
+    listener = Listener(server.url).connect()
+    try:
+        seen = listener.wait_for_count(5)[-1]
+    finally:
+        listener.disconnect()
+    assert_consecutive(listener.ids())
+    wait_until(lambda: server.health()["last_id"] >= seen["id"] + 3, message="three more broadcasts")
+    resumed = Listener(server.url, auth={"last_id": seen["id"], "stream": seen["stream"]}).connect()
+    try:
+        assert resumed.wait_for_count(3)[0]["id"] == seen["id"] + 1
+    finally:
+        resumed.disconnect()
+    assert_consecutive(resumed.ids())

@@ -2,6 +2,7 @@
 import http.client
 import json
 import re
+import resource
 import socket
 import threading
 import time
@@ -358,3 +359,23 @@ def test_plain_page_streams_escaped_values_then_ends(live_server):
     assert 1.4 < arrivals[-1][0] < 5
     assert arrivals[1][0] < 1.0  # items arrived while the page was still loading
     wait_until(lambda: server.health()["clients"] == 0, timeout=2, message="/plain to let go")
+
+
+def test_a_hang_up_is_noticed_on_a_descriptor_above_1023():
+    """select() refuses descriptors of 1024 and above: a busy threaded server hands those out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the open-files limit is {hard}: 1200 are needed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = [socket.socket() for _ in range(1100)]
+    server_end, client_end = socket.socketpair()
+    try:
+        assert server_end.fileno() >= 1024
+        subscriber = streaming.Subscriber({"werkzeug.socket": server_end})
+        assert not subscriber.client_left()
+        client_end.close()
+        assert subscriber.client_left()
+    finally:
+        for sock in fillers + [server_end, client_end]:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
