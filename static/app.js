@@ -85,8 +85,9 @@ function numberPage($feed) {
 }
 
 // Receive the numbers over Socket.IO and hand them to the page.
-function connectSocketIO(page, namespace, event) {
+function connectSocketIO(page, namespace, event, path) {
   const socket = io(namespace, {
+    path: path, // under the app's own path, which is not the root behind a proxy that serves it under a sub-path
     // The server accepts WebSockets only (no long-polling); see application.py.
     transports: ['websocket'],
     // Sent on every connect and reconnect, so that the server sends only what we missed.
@@ -174,6 +175,6 @@ $(function () {
   if ($feed.data('transport') === 'sse') {
     connectEventSource(page, $feed.data('stream-url'), $feed.data('event'));
   } else {
-    connectSocketIO(page, $feed.data('namespace'), $feed.data('event'));
+    connectSocketIO(page, $feed.data('namespace'), $feed.data('event'), $feed.data('socketio-path'));
   }
 });

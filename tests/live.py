@@ -5,6 +5,7 @@ A program that is missing skips its tests with the reason, and fails them under 
 """
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,8 +35,9 @@ class LiveServer:
 
     def __init__(self, log_dir, env=None, command=None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # gunicorn serves the app under SCRIPT_NAME when it is set.
+        self.url = f"http://127.0.0.1:{self.port}{self.env.get('SCRIPT_NAME', '')}"
         command = command or [sys.executable, "application.py", "--port", "{port}"]
         self.command = [part.format(port=self.port) for part in command]
         # Find programs such as gunicorn in this Python's environment, activated or not.
@@ -56,7 +58,7 @@ class LiveServer:
             raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code in (200, 503)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy
             return False
 
     def health(self):
@@ -209,17 +211,24 @@ def redis_url(tmp_path):
 
 @pytest.fixture
 def nginx(tmp_path):
-    """Start a real nginx with deploy/nginx.conf in front of the given backend ports; return its URL."""
+    """Start a real nginx with deploy/nginx.conf in front of the given backend ports; return its URL.
+
+    With ``sub_path`` ("/numbers"), nginx serves the app under it, as docs/deploy.md says.
+    """
     program = require_program("nginx", "nginx-light")
     processes = []
 
-    def start(backend_ports):
+    def start(backend_ports, sub_path=""):
         port = free_port()
         site = (PROJECT / "deploy" / "nginx.conf").read_text()
         site = site.replace("listen 8080;", f"listen 127.0.0.1:{port};")
         for number, backend_port in enumerate(backend_ports, start=1):
             site = site.replace(f"server 127.0.0.1:800{number};", f"server 127.0.0.1:{backend_port};")
+        site = re.sub(r"\n *server 127\.0\.0\.1:800\d;", "", site)  # fewer backends than the file lists
         assert "800" not in site, "deploy/nginx.conf has changed: update this fixture"
+        if sub_path:
+            site = site.replace("location / {", f"location {sub_path}/ {{")
+            site = site.replace("location ~ ^/(stream|plain)$", f"location ~ ^{sub_path}/(stream|plain)$")
         prefix = tmp_path / "nginx"
         prefix.mkdir()
         (prefix / "numbers.conf").write_text(site)
@@ -237,13 +246,13 @@ def nginx(tmp_path):
         with open(prefix / "stdout.log", "ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         processes.append(process)
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}{sub_path}"
 
         def answers():
             assert process.poll() is None, (prefix / "error.log").read_text()
             try:
                 return requests.get(url + "/healthz", timeout=1).ok
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy
                 return False
 
         wait_until(answers, timeout=10, message="nginx")

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from live import browser, live_server, module_live_server, open_tab  # noqa: F401  (fixtures)
+from live import browser, live_server, module_live_server, nginx, open_tab  # noqa: F401  (fixtures)
 from sources import markup
 from support import Listener, assert_consecutive, wait_until
 
@@ -251,3 +251,19 @@ def test_screenshot_script_saves_a_png(browser, tmp_path):
         timeout=60,
     )
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize("transport", ["socketio", "sse"])
+def test_page_works_under_a_sub_path_behind_nginx(live_server, nginx, open_tab, transport):
+    """gunicorn with SCRIPT_NAME, nginx passing /numbers/... on unchanged (docs/deploy.md)."""
+    command = ["gunicorn", "--worker-class", "gthread", "--threads", "20", "--bind", "127.0.0.1:{port}",
+               "application:create_app()"]  # fmt: skip
+    server = live_server(command=command, INTERVAL=INTERVAL, SCRIPT_NAME="/numbers")
+    url = nginx([server.port], sub_path="/numbers")
+    tab = open_tab(f"{url}/?transport={transport}")
+    wait_until(lambda: len(shown(tab)) >= 3, timeout=15, message="three numbers under the sub-path")
+    assert state(tab) == "live"
+    assert_consecutive([item_id for item_id, _ in shown(tab)][::-1])
+    assert tab.errors == []
+    path = urlsplit(url).path
+    assert all(urlsplit(address).path.startswith(path + "/") for address in tab.requests), tab.requests
