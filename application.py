@@ -58,6 +58,7 @@ from flask_socketio import SocketIO, emit, join_room
 
 import cluster
 import sse
+from extras import polling_guard
 
 NAMESPACE = "/test"
 EVENT = "newnumber"
@@ -502,17 +503,13 @@ def create_app(test_config=None):
         async_mode=app.config["ASYNC_MODE"],
         cors_allowed_origins=origins,
         message_queue=message_queue,
-        # WebSocket only, no long-polling: python-engineio 4.15.1 holds a thread
-        # forever on some malformed long-polling requests (any client could use up
-        # the server's threads), and without polling no sticky sessions are needed.
-        # Browsers that cannot use WebSockets have Server-Sent Events: /?transport=sse.
-        transports=["websocket"],
         ping_interval=app.config["PING_INTERVAL"],
         ping_timeout=app.config["PING_TIMEOUT"],
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],
         engineio_logger=engineio_logger,
     )
     app.wsgi_app = without_websocket_compression(app.wsgi_app)
+    polling_guard.init_app(app)  # until python-engineio answers every bad long-polling POST
     if message_queue is not None:
         join_cluster(feed, message_queue, app.config["HISTORY_SIZE"])
     if origins is not None:

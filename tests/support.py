@@ -48,11 +48,15 @@ def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
 
 
 class Listener:
-    """A python-socketio client over a real WebSocket that keeps every message it receives."""
+    """A python-socketio client (over a WebSocket unless told otherwise) that keeps every message it hears.
 
-    def __init__(self, url, auth=None, origin=None):
+    ``transports=None`` is the client's default: long-polling, then an upgrade to WebSocket.
+    """
+
+    def __init__(self, url, auth=None, origin=None, transports=("websocket",)):
         self.url = url
         self.auth = auth
+        self.transports = None if transports is None else list(transports)
         self.messages = []
         self.arrival_times = []  # time.monotonic() at each message
         self.lock = threading.Lock()
@@ -75,7 +79,7 @@ class Listener:
         self.client.connect(
             self.url,
             namespaces=[NAMESPACE],
-            transports=["websocket"],
+            transports=self.transports,
             auth=self.auth,
             wait_timeout=wait_timeout,
         )
