@@ -85,9 +85,9 @@ function numberPage($feed) {
 
 // Receive the numbers over Socket.IO and hand them to the page.
 function connectSocketIO(page, namespace, event) {
+  // The client's default transports: long-polling first, which works through any
+  // network and proxy, then an upgrade to a WebSocket wherever one gets through.
   const socket = io(namespace, {
-    // The server accepts WebSockets only (no long-polling); see application.py.
-    transports: ['websocket'],
     // Sent on every connect and reconnect, so that the server sends only what we missed.
     auth: function (send) {
       const at = page.position();

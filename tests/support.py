@@ -51,9 +51,10 @@ class Listener:
     """A python-socketio client (over a WebSocket unless told otherwise) that keeps every message it hears.
 
     ``transports=None`` is the client's default: long-polling, then an upgrade to WebSocket.
+    ``http_session`` is the requests.Session that long-polling goes through.
     """
 
-    def __init__(self, url, auth=None, origin=None, transports=("websocket",)):
+    def __init__(self, url, auth=None, origin=None, transports=("websocket",), http_session=None):
         self.url = url
         self.auth = auth
         self.transports = None if transports is None else list(transports)
@@ -62,7 +63,9 @@ class Listener:
         self.lock = threading.Lock()
         # The WebSocket client sends the server's own address as Origin unless told otherwise.
         extra = {"origin": origin} if origin else {}
-        self.client = socketio.Client(reconnection=False, websocket_extra_options=extra)
+        self.client = socketio.Client(
+            reconnection=False, websocket_extra_options=extra, http_session=http_session
+        )
         self.client.on(EVENT, self._received, namespace=NAMESPACE)
 
     def _received(self, message):
