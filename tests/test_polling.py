@@ -14,10 +14,11 @@ from requests.adapters import HTTPAdapter
 
 from support import Listener, assert_consecutive, assert_stream_flows, disconnect_all, wait_until
 
-# Short pings: a session nobody polls is closed, and its threads end, within seconds.
+# Short pings: a session nobody polls is closed, and its threads end, within seconds. The
+# timeout leaves a client on a busy machine time to answer.
 PING_INTERVAL = 1  # Engine.IO sends whole seconds to its clients
-PING_TIMEOUT = 2
-INTERVAL = 0.1
+PING_TIMEOUT = 3
+INTERVAL = 0.2
 GUNICORN = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
 SERVERS = {  # the command (None: python application.py) and environment of each server
     "threading": {"command": None, "env": {}},
@@ -67,7 +68,7 @@ def handshake(url):
     return json.loads(response.text[1:])["sid"]
 
 
-def send_post(url, sid, body, content_length, timeout=1.0):
+def send_post(url, sid, body, content_length, timeout=1.0, transport="polling"):
     """POST ``body`` to a session with this Content-Length header (None: none, the body chunked).
 
     Return the status code and the seconds it took, or None if no answer came within ``timeout``.
@@ -76,7 +77,7 @@ def send_post(url, sid, body, content_length, timeout=1.0):
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
     started = time.monotonic()
     try:
-        connection.putrequest("POST", f"{POLLING}&sid={sid}")
+        connection.putrequest("POST", f"/socket.io/?EIO=4&transport={transport}&sid={sid}")
         connection.putheader("Content-Type", "text/plain;charset=UTF-8")
         if content_length is None:
             connection.putheader("Transfer-Encoding", "chunked")
@@ -101,22 +102,26 @@ def close_a_session(url):
 
 
 OVERSIZED = b"4" + b"x" * 10_000  # one byte over MAX_MESSAGE_SIZE
-# Bodies (and Content-Length headers: "auto" is the body's length) that python-engineio 4.15.1
-# answers by closing the session with wait=True: the POST never gets an answer and holds its thread.
+# POSTs (body, Content-Length header: "auto" is the body's length, transport parameter) that
+# python-engineio 4.15.1 answers by closing the session with wait=True: the POST never gets an
+# answer, and holds its thread for good. The Content-Length cases differ: see their comment.
 TRIGGERS = {
-    "ping": (b"2", "auto"),
-    "open": (b"0", "auto"),
-    "noop": (b"6", "auto"),
-    "type 7": (b"7", "auto"),
-    "type 8": (b"8", "auto"),
-    "type 9": (b"9", "auto"),
-    "JSONP ping": (b"d=2", "auto"),
-    "message then ping": (b"4x\x1e2", "auto"),
-    "Arabic-Indic two": ("\u0662".encode(), "auto"),  # int() reads it as 2
-    "over MAX_MESSAGE_SIZE": (OVERSIZED, "auto"),
-    # Engine.IO reads int(CONTENT_LENGTH) bytes: -1 reads until the client closes; none reads nothing.
-    "Content-Length -1": (b"2", "-1"),
-    "no Content-Length": (b"2", None),
+    "ping": (b"2", "auto", "polling"),
+    "open": (b"0", "auto", "polling"),
+    "noop": (b"6", "auto", "polling"),
+    "type 7": (b"7", "auto", "polling"),
+    "type 8": (b"8", "auto", "polling"),
+    "type 9": (b"9", "auto", "polling"),
+    "JSONP ping": (b"d=2", "auto", "polling"),
+    "message then ping": (b"4x\x1e2", "auto", "polling"),
+    "Arabic-Indic two": ("\u0662".encode(), "auto", "polling"),  # int() reads it as 2
+    "over MAX_MESSAGE_SIZE": (OVERSIZED, "auto", "polling"),
+    # Engine.IO reads int(CONTENT_LENGTH) bytes: -1 reads until the client closes (gunicorn and
+    # gevent refuse -1 themselves); none reads nothing and answers 200, the chunked body unread.
+    "Content-Length -1": (b"2", "-1", "polling"),
+    "no Content-Length": (b"2", None, "polling"),
+    # Engine.IO's POST handler takes any allowed transport in the query.
+    "ping, transport=websocket": (b"2", "auto", "websocket"),
 }
 
 
@@ -137,13 +142,14 @@ def watched_polling_server(request, module_live_server):
     server.stop()
 
 
-@pytest.mark.parametrize("body, content_length", TRIGGERS.values(), ids=TRIGGERS.keys())
-def test_a_post_engineio_would_hang_on_is_refused_at_once(watched_polling_server, body, content_length):
+@pytest.mark.parametrize("trigger", TRIGGERS.values(), ids=TRIGGERS.keys())
+def test_a_post_engineio_would_hang_on_is_refused_at_once(watched_polling_server, trigger):
     server, pid, watcher = watched_polling_server
+    body, content_length, transport = trigger
     threads_before, fds_before = baseline(pid)
     sid = handshake(server.url)
     length = str(len(body)) if content_length == "auto" else content_length
-    status, seconds = send_post(server.url, sid, body, length)
+    status, seconds = send_post(server.url, sid, body, length, transport=transport)
     assert (status, seconds < 1) == (400, True), f"answered {status} after {seconds:.2f} s"
 
     # Neither the POST nor its session holds anything once the session's ping went unanswered.
@@ -151,11 +157,11 @@ def test_a_post_engineio_would_hang_on_is_refused_at_once(watched_polling_server
         threads, fds = held(pid)
         return threads <= threads_before and fds <= fds_before
 
-    wait_until(
-        let_go,
-        timeout=PING_INTERVAL + PING_TIMEOUT,
-        message=f"the server back to {threads_before} threads and {fds_before} descriptors",
-    )
+    try:
+        wait_until(let_go, timeout=PING_INTERVAL + PING_TIMEOUT, message="the server to let go")
+    except AssertionError as error:
+        before = (threads_before, fds_before)
+        raise AssertionError(f"{error}: it holds (threads, fds) {held(pid)}, before {before}") from None
     assert_stream_flows(watcher)
     log = server.log()
     assert "Traceback" not in log
@@ -183,20 +189,41 @@ def test_a_default_client_gets_history_and_live_numbers_and_upgrades(live_server
         disconnect_all([client, watcher])
 
 
+class RecordingSession(requests.Session):
+    """A requests.Session that keeps the body and the status of each POST: a polling client's packets."""
+
+    def __init__(self):
+        super().__init__()
+        self.posts = []
+
+    def request(self, method, url, *args, **options):
+        response = super().request(method, url, *args, **options)
+        if method == "POST":
+            self.posts.append((options.get("data"), response.status_code))
+        return response
+
+    def pongs(self):
+        """How many pongs the server took: pong packets in POSTs answered 200."""
+        packets = []
+        for body, status in self.posts:
+            if status == 200:
+                packets += (body if isinstance(body, str) else body.decode()).split("\x1e")
+        return packets.count("3")
+
+
 @pytest.mark.parametrize("kind", SERVERS)
 def test_a_polling_only_client_stays_connected_across_pings(live_server, kind):
     pings = {"PING_INTERVAL": PING_INTERVAL, "PING_TIMEOUT": PING_TIMEOUT}
     server = start_server(live_server, kind, INTERVAL=INTERVAL, **pings)
-    client = Listener(server.url, transports=["polling"])
+    session = RecordingSession()
+    client = Listener(server.url, transports=["polling"], http_session=session)
     try:
         client.connect()
-        connected_at = time.monotonic()
-        # Four ping intervals, each a ping the client must answer in a POST: one unanswered
-        # ping and the server drops it after PING_INTERVAL + PING_TIMEOUT = 3 s.
-        time.sleep(4 * PING_INTERVAL)
+        # Several ping intervals: each ping answered in a POST that the server took.
+        deadline = 4 * (PING_INTERVAL + PING_TIMEOUT)
+        wait_until(lambda: session.pongs() >= 4, timeout=deadline, message="four pongs taken")
         assert client.client.connected and client.client.transport() == "polling"
         assert_stream_flows(client, count=5)
-        assert client.arrival_times[-1] - connected_at > 4 * PING_INTERVAL
         assert server.health()["clients"] == 1
     finally:
         client.disconnect()
