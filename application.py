@@ -48,6 +48,7 @@ LIVE_ROOM = "live"  # the Socket.IO clients that have had their history and get 
 # To remove one, delete its line here and its file.
 EXTRAS = [
     "extras.hardening",  # security headers, a log no client can flood, no WebSocket compression
+    "extras.polling_guard",  # refuses the long-polling requests python-engineio would hang on
     "extras.watchdog",  # next_number() with a deadline; /healthz says "degraded" while it fails
     "extras.streaming",  # the same stream as Server-Sent Events (/stream) and as a page without JavaScript (/plain)
     "extras.publish",  # POST /publish and `flask --app application publish`: values from other programs
@@ -261,9 +262,6 @@ def create_app(test_config=None, extras=EXTRAS):
         # With a message queue, what other programs emit through it (Flask-SocketIO's
         # emitter) also reaches the clients of every process.
         message_queue=app.config["MESSAGE_QUEUE"] or None,
-        # WebSocket only, no long-polling: python-engineio 4.15.1 holds a thread
-        # forever on some malformed long-polling requests.
-        transports=["websocket"],
         ping_interval=app.config["PING_INTERVAL"],
         ping_timeout=app.config["PING_TIMEOUT"],
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],

@@ -86,10 +86,10 @@ function numberPage($feed) {
 
 // Receive the numbers over Socket.IO and hand them to the page.
 function connectSocketIO(page, namespace, event, path) {
+  // The client's default transports: long-polling first, which works through any
+  // network and proxy, then an upgrade to a WebSocket wherever one gets through.
   const socket = io(namespace, {
     path: path, // under the app's own path, which is not the root behind a proxy that serves it under a sub-path
-    // The server accepts WebSockets only (no long-polling); see application.py.
-    transports: ['websocket'],
     // Sent on every connect and reconnect, so that the server sends only what we missed.
     auth: function (send) {
       const at = page.position();

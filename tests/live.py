@@ -100,6 +100,21 @@ def server_starter(log_dir):
         server.stop()
 
 
+# The three ways of serving the app that the tests compare: the command (None: python application.py)
+# and the environment of each.
+GUNICORN = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
+SERVERS = {
+    "threading": {"command": None, "env": {}},
+    "gunicorn": {"command": GUNICORN.split(), "env": {}},
+    "gevent": {"command": None, "env": {"ASYNC_MODE": "gevent"}},
+}
+
+
+def start_server(start, kind, **env):
+    """Start the development server, gunicorn (gthread) or the gevent server, with ``start`` (a live_server)."""
+    return start(command=SERVERS[kind]["command"], **SERVERS[kind]["env"], **env)
+
+
 @pytest.fixture
 def live_server(tmp_path):
     """Start the real server (call it with settings as environment variables); stop it after the test."""

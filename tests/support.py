@@ -26,17 +26,24 @@ def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
 
 
 class Listener:
-    """A python-socketio client over a real WebSocket that keeps every message it receives."""
+    """A python-socketio client (over a WebSocket unless told otherwise) that keeps every message it hears.
 
-    def __init__(self, url, auth=None, origin=None):
+    ``transports=None`` is the client's default: long-polling, then an upgrade to WebSocket.
+    ``http_session`` is the requests.Session that long-polling goes through.
+    """
+
+    def __init__(self, url, auth=None, origin=None, transports=("websocket",), http_session=None):
         self.url = url
         self.auth = auth
+        self.transports = None if transports is None else list(transports)
         self.messages = []
         self.arrival_times = []  # time.monotonic() at each message
         self.lock = threading.Lock()
         # The WebSocket client sends the server's own address as Origin unless told otherwise.
         extra = {"origin": origin} if origin else {}
-        self.client = socketio.Client(reconnection=False, websocket_extra_options=extra)
+        self.client = socketio.Client(
+            reconnection=False, websocket_extra_options=extra, http_session=http_session
+        )
         self.client.on(EVENT, self._received, namespace=NAMESPACE)
 
     def _received(self, message):
@@ -53,7 +60,7 @@ class Listener:
         self.client.connect(
             self.url,
             namespaces=[NAMESPACE],
-            transports=["websocket"],
+            transports=self.transports,
             auth=self.auth,
             wait_timeout=wait_timeout,
         )

@@ -153,13 +153,9 @@ def test_bad_handshake_query_is_refused(watched_server, query):
         assert response.status_code == 400
 
 
-@pytest.mark.parametrize("origin", [None, "http://evil.example"])
-def test_long_polling_is_refused(watched_server, origin):
-    # WebSocket only (see application.py): python-engineio 4.15.1 would hold a thread
-    # forever on some malformed long-polling POSTs, so none are accepted at all.
-    headers = {"Origin": origin} if origin else {}
+def test_a_long_polling_handshake_from_another_origin_is_refused(watched_server):
     with shrugged_off(watched_server) as url:
-        response = requests.get(url + ENGINEIO_PATH + "polling", headers=headers, timeout=5)
+        response = requests.get(url + ENGINEIO_PATH + "polling", headers={"Origin": "http://evil.example"}, timeout=5)
         assert response.status_code == 400
 
 

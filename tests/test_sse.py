@@ -14,22 +14,9 @@ import requests
 from application import create_app
 from extras import streaming
 from extras.streaming import requested_last_id
-from live import live_server  # noqa: F401  (a fixture)
+from live import SERVERS, live_server, start_server  # noqa: F401  (a fixture)
 from protocol import EVENT
 from support import Listener, assert_consecutive, wait_until
-
-GUNICORN = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
-SERVERS = {  # the command (None: python application.py) and environment of each server
-    "threading": {"command": None, "env": {}},
-    "gunicorn": {"command": GUNICORN.split(), "env": {}},
-    "gevent": {"command": None, "env": {"ASYNC_MODE": "gevent"}},
-}
-
-
-def start_server(live_server, kind, **env):
-    """Start the development server, gunicorn (gthread) or the gevent server, with these settings."""
-    return live_server(command=SERVERS[kind]["command"], **SERVERS[kind]["env"], **env)
-
 
 class EventSource:
     """A client of an event stream over a real HTTP/1.1 connection, parsed as the SSE specification says."""
