@@ -20,7 +20,7 @@ from application import create_app, socketio
 from extras import notifications as notifications_extra
 from live import PROJECT, browser, live_server, redis_url  # noqa: F401  (fixtures)
 from protocol import EVENT, GAP_EVENT, NAMESPACE, NOTIFICATION_EVENT, NOTIFY_EVENT
-from support import wait_until
+from support import disconnect_all, wait_until
 
 TOKEN = "test-token"
 
@@ -443,3 +443,229 @@ def test_a_bad_notification_ttl_is_refused_with_one_line(value):
     with pytest.raises(settings.SettingError) as refused:
         settings.load({"NOTIFICATION_TTL": value})
     assert str(refused.value).startswith(f"NOTIFICATION_TTL={value!r} cannot be used")
+
+
+# The real server, real clients.
+
+SECRET = "a secret shared by the processes"
+
+
+def sign_in(url, name):
+    """Sign in over HTTP; return the session cookie's value."""
+    http = requests.Session()
+    response = http.post(url + "/login", data={"name": name}, allow_redirects=False, timeout=10)
+    assert response.status_code == 303, response.text
+    return http.cookies["session"]
+
+
+class Client:
+    """A python-socketio client on /test with a session cookie (or none) that keeps every event it receives."""
+
+    def __init__(self, url, cookie=None, auth=None):
+        self.events = []
+        self.lock = threading.Lock()
+        self.client = socketio_package.Client(reconnection=False)
+        for name in (EVENT, NOTIFICATION_EVENT, GAP_EVENT):
+            self.client.on(name, lambda data, name=name: self._add(name, data), namespace=NAMESPACE)
+        headers = {"Cookie": f"session={cookie}"} if cookie else {}
+        self.client.connect(
+            url, namespaces=[NAMESPACE], transports=["websocket"], headers=headers, auth=auth, wait_timeout=10
+        )
+
+    def _add(self, name, data):
+        with self.lock:
+            self.events.append((name, data))
+
+    def of(self, name):
+        """The events ``name`` received so far, in id order (handlers run in threads of their own)."""
+        with self.lock:
+            return sorted((data for got, data in self.events if got == name), key=lambda data: data.get("id", 0))
+
+    def texts(self):
+        return [message["text"] for message in self.of(NOTIFICATION_EVENT)]
+
+    def ids(self, name=NOTIFICATION_EVENT):
+        return [message["id"] for message in self.of(name)]
+
+    def notify_me(self, data):
+        return self.client.call(NOTIFY_EVENT, data, namespace=NAMESPACE, timeout=10)
+
+    def disconnect(self):
+        self.client.disconnect()
+
+
+@pytest.fixture
+def clients():
+    """Open Clients (call it like Client); close them all after the test."""
+    opened = []
+
+    def open_client(*args, **kwargs):
+        opened.append(Client(*args, **kwargs))
+        return opened[-1]
+
+    yield open_client
+    disconnect_all(opened)
+
+
+def publish_live(url, body, token=TOKEN):
+    return requests.post(url + "/publish", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def read_sse(url, cookie=None, last_event_id=None, count=1, timeout=15):
+    """Open /notifications/stream; return its status and the first ``count`` events as (event, id, data)."""
+    headers = {"Cookie": f"session={cookie}"} if cookie else {}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    with requests.get(url + "/notifications/stream", headers=headers, stream=True, timeout=timeout) as response:
+        if response.status_code != 200:
+            return response.status_code, []
+        assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        found, fields = [], {}
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith(("event: ", "id: ", "data: ")):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+            elif line == "" and "data" in fields:
+                found.append((fields.get("event"), fields.get("id"), json.loads(fields["data"])))
+                fields = {}
+                if len(found) == count:
+                    return 200, found
+    raise AssertionError(f"the stream ended after {found}")
+
+
+def test_live_each_user_gets_only_their_own_on_both_transports_and_all_the_same_numbers(live_server, clients):
+    server = live_server(INTERVAL=0.1, SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN)
+    alice_cookie, bob_cookie = sign_in(server.url, "alice"), sign_in(server.url, "bob")
+    alice, bob, anonymous = clients(server.url, alice_cookie), clients(server.url, bob_cookie), clients(server.url)
+    for number in range(3):
+        assert publish_live(server.url, {"user": "alice", "text": f"alice {number}"}).status_code == 200
+    assert publish_live(server.url, {"user": "bob", "text": "bob 0"}).json()["id"] == 1
+    wait_until(lambda: len(alice.texts()) == 3 and len(bob.texts()) == 1, message="the notifications")
+    assert alice.texts() == ["alice 0", "alice 1", "alice 2"] and alice.ids() == [1, 2, 3]
+    assert bob.texts() == ["bob 0"]
+    # Everyone hears the same numbers.
+    wait_until(lambda: min(len(client.ids(EVENT)) for client in (alice, bob, anonymous)) >= 5, message="numbers")
+    last = min(client.ids(EVENT)[-1] for client in (alice, bob, anonymous))
+    common = [[m for m in client.of(EVENT) if m["id"] <= last][-3:] for client in (alice, bob, anonymous)]
+    assert common[0] == common[1] == common[2]
+    # The event stream with alice's cookie carries alice's only.
+    status, found = read_sse(server.url, alice_cookie, count=3)
+    assert status == 200
+    assert [(event, event_id, data["text"]) for event, event_id, data in found] == [
+        (NOTIFICATION_EVENT, str(n + 1), f"alice {n}") for n in range(3)
+    ]
+    assert anonymous.of(NOTIFICATION_EVENT) == [] and bob.texts() == ["bob 0"]
+
+
+def test_live_no_or_a_forged_session_cookie_gets_no_private_channel(live_server, clients):
+    server = live_server(SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN)
+    other = live_server(SECRET_KEY="another secret")
+    forged = sign_in(other.url, "alice")  # a well-formed cookie, signed with another key
+    tampered = sign_in(server.url, "bob")[:-3] + "xyz"
+    assert read_sse(server.url)[0] == 401
+    assert read_sse(server.url, forged)[0] == 401
+    assert read_sse(server.url, tampered)[0] == 401
+    spies = [clients(server.url, forged), clients(server.url, tampered)]
+    publish_live(server.url, {"user": "alice", "text": "private"})
+    publish_live(server.url, {"user": "bob", "text": "private"})
+    alice = clients(server.url, sign_in(server.url, "alice"))
+    wait_until(lambda: alice.texts() == ["private"], message="alice's notification")
+    assert all(spy.of(NOTIFICATION_EVENT) == [] and spy.client.connected for spy in spies)
+    assert "Refused /notifications/stream to a client that is not signed in" in server.log()
+
+
+def test_live_resume_without_duplicates_and_the_gap_signal(live_server, clients):
+    server = live_server(SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN, HISTORY_SIZE=3)
+    cookie = sign_in(server.url, "alice")
+    for number in range(2):
+        publish_live(server.url, {"user": "alice", "text": str(number)})
+    first = clients(server.url, cookie)
+    wait_until(lambda: first.ids() == [1, 2], message="the history")
+    stream = first.of(NOTIFICATION_EVENT)[-1]["stream"]
+    first.disconnect()
+    publish_live(server.url, {"user": "alice", "text": "2"})
+    resumed = clients(server.url, cookie, auth={"last_notification_id": 2, "notification_stream": stream})
+    publish_live(server.url, {"user": "alice", "text": "3"})
+    wait_until(lambda: resumed.ids() == [3, 4], message="ids 3 and 4")
+    assert resumed.of(GAP_EVENT) == []
+    # Over Server-Sent Events: Last-Event-ID 3 gets 4 and what follows.
+    assert [event_id for _, event_id, _ in read_sse(server.url, cookie, last_event_id=3)[1]] == ["4"]
+    # From id 1, with ids 2..4 kept: nothing lost. From 0: id 1 is gone for good.
+    assert clients(server.url, cookie, auth={"last_notification_id": 1, "notification_stream": stream}).of(GAP_EVENT) == []
+    late = clients(server.url, cookie, auth={"last_notification_id": 0, "notification_stream": stream})
+    wait_until(lambda: late.ids() == [2, 3, 4], message="the history after the gap")
+    assert late.of(GAP_EVENT) == [{"channel": "notifications", "after": 0, "before": 2}]
+    _, found = read_sse(server.url, cookie, last_event_id=0, count=2)
+    assert found[0] == (GAP_EVENT, None, {"channel": "notifications", "after": 0, "before": 2})
+    assert found[1][1] == "2"
+
+
+def test_live_bad_input_is_refused_and_the_stream_goes_on_for_everyone(live_server, clients):
+    server = live_server(INTERVAL=0.1, SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN)
+    alice = clients(server.url, sign_in(server.url, "alice"))
+    bob = clients(server.url, sign_in(server.url, "bob"))
+    anonymous = clients(server.url)
+    for data in [{"text": ""}, {"text": "x" * 281}, {"text": 5}, {"nothing": 1}, "text", None]:
+        assert "error" in alice.notify_me(data)
+    assert anonymous.notify_me({"text": "hi"}) == {"error": "Sign in first."}
+    answers = [alice.notify_me({"text": str(n)}) for n in range(6)]
+    assert answers[:5] == [{"id": n} for n in range(1, 6)] and "error" in answers[5]
+    for body in [{"user": "a b", "text": "x"}, {"user": "alice", "text": ""}, {"user": "alice", "text": ["x"]}]:
+        assert publish_live(server.url, body).status_code == 400
+    assert requests.post(server.url + "/login", data={"name": "<script>"}, timeout=10).status_code == 400
+    evil = {"Origin": "https://evil.example"}
+    assert requests.post(server.url + "/login", data={"name": "eve"}, headers=evil, timeout=10).status_code == 403
+    wait_until(lambda: len(alice.texts()) == 5, message="alice's five notifications")
+    before = [client.ids(EVENT)[-1] for client in (alice, bob, anonymous)]
+    wait_until(
+        lambda: all(client.ids(EVENT)[-1] >= seen + 3 for client, seen in zip((alice, bob, anonymous), before)),
+        message="the numbers to go on for everyone",
+    )
+    assert alice.texts() == [str(n) for n in range(5)]
+    assert bob.of(NOTIFICATION_EVENT) == [] and anonymous.of(NOTIFICATION_EVENT) == []
+    log = server.log()
+    assert log.count("Refused a notify_me from alice") == 7 and log.count("Refused a notify_me from anonymous") == 1
+    assert "Traceback" not in log
+
+
+# Several processes through Redis.
+
+
+def test_a_notification_from_anywhere_reaches_every_tab_on_every_process_once(live_server, redis_url, clients):
+    env = {"MESSAGE_QUEUE": redis_url, "SECRET_KEY": SECRET, "PUBLISH_TOKEN": TOKEN, "NOTIFICATION_TTL": 600}
+    server_a, server_b = live_server(**env), live_server(**env)
+    alice_cookie = sign_in(server_a.url, "alice")  # one key: a session of A is good on B
+    tabs = [clients(server_a.url, alice_cookie), clients(server_a.url, alice_cookie), clients(server_b.url, alice_cookie)]
+    bob = clients(server_b.url, sign_in(server_b.url, "bob"))
+    worker_env = {"MESSAGE_QUEUE": redis_url, "NOTIFICATION_TTL": "600", "PATH": "/usr/bin:/bin"}
+    worker = subprocess.run(
+        [sys.executable, "-c", "from extras.notifications import notify; print(notify('alice', 'from a worker'))"],
+        cwd=PROJECT, env=worker_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+    command = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "application", "notify", "alice", "from the command line"],
+        cwd=PROJECT, env={**worker_env, "SECRET_KEY": SECRET}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert command.returncode == 0, command.stderr
+    assert json.loads(command.stdout.strip().splitlines()[-1])["id"] == 2
+    assert publish_live(server_b.url, {"user": "alice", "text": "from B"}).json()["id"] == 3
+    assert tabs[0].notify_me({"text": "from a tab on A"}) == {"id": 4}
+    expected = ["from a worker", "from the command line", "from B", "from a tab on A"]
+    wait_until(lambda: all(len(tab.texts()) >= 4 for tab in tabs), timeout=15, message="four at every tab")
+    assert all(tab.texts() == expected and tab.ids() == [1, 2, 3, 4] for tab in tabs)
+    assert len({tab.of(NOTIFICATION_EVENT)[0]["stream"] for tab in tabs}) == 1
+    # A tab that opens later on either process gets the history from Redis, and resumes there.
+    stream = tabs[0].of(NOTIFICATION_EVENT)[0]["stream"]
+    late = clients(server_b.url, alice_cookie, auth={"last_notification_id": 2, "notification_stream": stream})
+    wait_until(lambda: late.ids() == [3, 4], message="the resumed history")
+    assert bob.of(NOTIFICATION_EVENT) == []
+    # Forgotten after NOTIFICATION_TTL: Redis expires the user's keys.
+    store = notifications_extra.RedisNotifications(redis_url, 10, 600)
+    try:
+        keys = sorted(key.decode() for key in store.redis.keys("notifications:*"))
+        assert keys == ["notifications:history:alice", "notifications:user:alice"]
+        assert all(0 < store.redis.ttl(key) <= 600 for key in keys)
+        assert len(store.history("alice")) == 4
+    finally:
+        store.redis.close()
