@@ -49,7 +49,7 @@ function drawChart(svg, values, slots) {
 function showGap($notice, what, gap) {
   const count = gap.before - gap.after - 1;
   $notice
-    .text(count + ' ' + what + ' were missed while this page was away (after #' + gap.after + ', before #' + gap.before + ').')
+    .text('Missed while this page was away: ' + count + ' ' + what + ' (after #' + gap.after + ', before #' + gap.before + ').')
     .prop('hidden', false);
 }
 

@@ -669,3 +669,120 @@ def test_a_notification_from_anywhere_reaches_every_tab_on_every_process_once(li
         assert len(store.history("alice")) == 4
     finally:
         store.redis.close()
+
+
+# The page: two users in two browser contexts.
+
+INBOX = "Array.from(document.querySelectorAll('#inbox li'), li => [Number(li.dataset.id), li.querySelector('.text').textContent])"
+NUMBERS = "Array.from(document.querySelectorAll('#numbers li'), li => [Number(li.dataset.id), li.textContent])"
+# Keep the page's Socket.IO client in window.pageSocket, so that a test can drop and resume its connection.
+CAPTURE_SOCKET = """
+Object.defineProperty(window, 'io', {
+  configurable: true,
+  get: function () { return window.wrappedIo; },
+  set: function (io) {
+    window.wrappedIo = function () { window.pageSocket = io.apply(this, arguments); return window.pageSocket; };
+  },
+});
+"""
+
+
+@pytest.fixture
+def signed_in_tab(browser):
+    """Open a tab in a fresh browser context (a person of their own) and sign in on the page; close all after."""
+    from live import BrowserTab
+
+    contexts = []
+
+    def open_signed_in(url, name, path="/", init_script=None):
+        context = browser.new_context()
+        contexts.append(context)
+        tab = BrowserTab(context.new_page())
+        if init_script:
+            tab.page.add_init_script(init_script)
+        tab.page.goto(url + path)
+        tab.page.fill("#sign-in input[name=name]", name)
+        tab.page.click("#sign-in button")
+        tab.page.wait_for_selector("#user-name")
+        assert tab.page.text_content("#user-name") == name
+        wait_until(lambda: tab.page.get_attribute("#state", "data-state") == "live", message="the page to be live")
+        return tab
+
+    yield open_signed_in
+    for context in contexts:
+        context.close()
+
+
+def inbox(tab):
+    return [tuple(item) for item in tab.page.evaluate(INBOX)]
+
+
+def test_page_two_users_see_only_their_own_notifications_and_the_same_numbers(live_server, signed_in_tab):
+    server = live_server(INTERVAL=0.2, SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN)
+    alice, bob = signed_in_tab(server.url, "alice"), signed_in_tab(server.url, "bob")
+    assert alice.page.url == server.url + "/"
+    markup = '<img src=x onerror="window.injected = true">'
+    alice.page.fill("#notify-me input[name=text]", markup)
+    alice.page.click("#notify-me button")
+    wait_until(lambda: alice.page.text_content("#notify-result") == "Sent as #1.", message="the acknowledgement")
+    wait_until(lambda: inbox(alice) == [(1, markup)], message="alice's notification in her panel")
+    assert alice.page.evaluate("document.querySelector('#inbox img') === null && window.injected === undefined")
+    assert publish_live(server.url, {"user": "bob", "text": "for bob"}).status_code == 200
+    assert publish_live(server.url, {"user": "alice", "text": "for alice"}).status_code == 200
+    wait_until(lambda: inbox(bob) == [(1, "for bob")], message="bob's notification in his panel")
+    wait_until(lambda: inbox(alice) == [(2, "for alice"), (1, markup)], message="newest first")
+    assert inbox(bob) == [(1, "for bob")]
+    # Each item shows its time.
+    assert alice.page.evaluate("document.querySelector('#inbox li time').getAttribute('datetime')").endswith("Z")
+    # A refused notify_me shows the error and sends nothing.
+    alice.page.evaluate("document.querySelector('#notify-me input').removeAttribute('maxlength')")
+    alice.page.fill("#notify-me input[name=text]", "x" * 281)
+    alice.page.click("#notify-me button")
+    wait_until(lambda: alice.page.get_attribute("#notify-result", "data-result") == "error", message="the error")
+    # Both see the same numbers.
+    wait_until(
+        lambda: len(alice.page.evaluate(NUMBERS)) == 10 and alice.page.evaluate(NUMBERS) == bob.page.evaluate(NUMBERS),
+        message="the same numbers on both pages",
+    )
+    assert len(inbox(alice)) == 2 and len(inbox(bob)) == 1
+    # Signing out removes the panel and the private channel.
+    bob.page.click("#sign-out button")
+    bob.page.wait_for_selector("#sign-in")
+    assert bob.page.query_selector("#inbox") is None
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_page_over_server_sent_events_shows_the_notifications(live_server, signed_in_tab):
+    server = live_server(INTERVAL=0.2, SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN)
+    alice = signed_in_tab(server.url, "alice", path="/?transport=sse")
+    bob = signed_in_tab(server.url, "bob", path="/?transport=sse")
+    assert alice.page.url == server.url + "/?transport=sse"
+    assert alice.page.query_selector("#notify-me") is None
+    publish_live(server.url, {"user": "alice", "text": "over SSE"})
+    publish_live(server.url, {"user": "bob", "text": "bob's"})
+    wait_until(lambda: inbox(alice) == [(1, "over SSE")], message="the notification over SSE")
+    wait_until(lambda: inbox(bob) == [(1, "bob's")], message="bob's over SSE")
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_page_says_what_was_missed_on_both_channels(live_server, signed_in_tab):
+    server = live_server(INTERVAL=0.1, SECRET_KEY=SECRET, PUBLISH_TOKEN=TOKEN, HISTORY_SIZE=3)
+    alice = signed_in_tab(server.url, "alice", init_script=CAPTURE_SOCKET)
+    publish_live(server.url, {"user": "alice", "text": "1"})
+    wait_until(lambda: inbox(alice) == [(1, "1")], message="the first notification")
+    alice.page.evaluate("window.pageSocket.disconnect()")
+    wait_until(lambda: alice.page.get_attribute("#state", "data-state") == "reconnecting", message="disconnected")
+    top = alice.page.evaluate(NUMBERS)[0][0]
+    for number in range(2, 6):
+        publish_live(server.url, {"user": "alice", "text": str(number)})
+    wait_until(lambda: server.health()["last_id"] >= top + 6, message="numbers the page misses for good")
+    alice.page.evaluate("window.pageSocket.connect()")
+    wait_until(lambda: alice.page.is_visible("#notifications-missed"), message="the notifications' gap")
+    assert alice.page.text_content("#notifications-missed") == (
+        "Missed while this page was away: 1 notifications (after #1, before #3)."
+    )
+    assert alice.page.is_visible("#missed")
+    assert alice.page.text_content("#missed").startswith("Missed while this page was away: ")
+    assert f"(after #{top}, before #" in alice.page.text_content("#missed")
+    wait_until(lambda: [item_id for item_id, _ in inbox(alice)] == [5, 4, 3], message="the kept history")
+    assert alice.errors == []
