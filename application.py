@@ -280,6 +280,9 @@ def create_app(test_config=None, extras=EXTRAS):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
         logger.info("SECRET_KEY is not set: using a random key for this run")
     app.extensions["feed"] = Feed(app.config)
+    # Flask-SocketIO 5.7.0 keeps the client manager an earlier init_app made for a
+    # message queue, even when this one has none: forget it (tests create many apps).
+    socketio.server_options.pop("client_manager", None)
     socketio.init_app(
         app,
         async_mode=app.config["ASYNC_MODE"],

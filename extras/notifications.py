@@ -382,21 +382,28 @@ class ClusterNotifications(Notifications):
         self.deliver(user, message)
 
     def follow(self, sleep):
-        """Deliver every notification published in the cluster to this process's clients; reconnect when Redis fails."""
-        while True:
+        """Deliver every notification published in the cluster to this process's clients until the server stops.
+
+        Reconnect when Redis fails, saying so once per outage (extras.cluster logs the outage itself).
+        """
+        failing = False
+        while not self.feed.stopped.is_set():
             pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(CHANNEL)
-                while True:
+                if failing:
+                    logger.info("Following the notifications of the cluster again")
+                    failing = False
+                while not self.feed.stopped.is_set():
                     item = pubsub.get_message(timeout=1.0)
-                    if item is None:
-                        continue
-                    parsed = parse_published(item["data"])
+                    parsed = None if item is None else parse_published(item["data"])
                     if parsed is not None:
                         with self.feed.lock:
                             self.mirror(*parsed)
             except redis.RedisError as error:
-                logger.warning("Not following the notifications: Redis is unavailable (%s); retrying", error)
+                if not failing:
+                    logger.warning("Notifications from other processes wait for Redis (%s); retrying", error)
+                    failing = True
             finally:
                 pubsub.close()
             sleep(1.0)

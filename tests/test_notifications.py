@@ -5,11 +5,9 @@ The handler tests come first (Flask's test client signed in, passed to Flask-Soc
 real server with real clients; then Redis and a second process; then two users in Chromium.
 """
 import json
-import logging
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import requests
@@ -18,7 +16,7 @@ import socketio as socketio_package
 import settings
 from application import create_app, socketio
 from extras import notifications as notifications_extra
-from live import PROJECT, browser, live_server, redis_url  # noqa: F401  (fixtures)
+from live import PROJECT, BrowserTab, browser, live_server, redis_url  # noqa: F401  (fixtures)
 from protocol import EVENT, GAP_EVENT, NAMESPACE, NOTIFICATION_EVENT, NOTIFY_EVENT
 from support import disconnect_all, wait_until
 
@@ -690,7 +688,7 @@ Object.defineProperty(window, 'io', {
 @pytest.fixture
 def signed_in_tab(browser):
     """Open a tab in a fresh browser context (a person of their own) and sign in on the page; close all after."""
-    from live import BrowserTab
+
 
     contexts = []
 
