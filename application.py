@@ -40,7 +40,7 @@ from flask import Flask, current_app, jsonify, render_template, request
 from flask_socketio import SocketIO, emit, join_room
 
 import settings
-from protocol import EVENT, NAMESPACE, VALUE
+from protocol import EVENT, GAP_EVENT, NAMESPACE, VALUE
 
 LIVE_ROOM = "live"  # the Socket.IO clients that have had their history and get each new message
 
@@ -53,6 +53,7 @@ EXTRAS = [
     "extras.streaming",  # the same stream as Server-Sent Events (/stream) and as a page without JavaScript (/plain)
     "extras.publish",  # POST /publish and `flask --app application publish`: values from other programs
     "extras.cluster",  # MESSAGE_QUEUE=redis://...: several processes, one stream, one producer
+    "extras.notifications",  # sign-in, and each user's own notifications on /test and /notifications/stream
 ]
 
 logger = logging.getLogger("application")
@@ -86,6 +87,10 @@ class Feed:
         self.transports = [send_to_live_room]  # each is called with every new message, lock held
         self.health_checks = []  # each returns fields for /healthz; a "problem" among them means 503
         self.on_producer_stop = []  # each is called when the producer stops
+        # Each is called with a connecting Socket.IO client's auth data inside the connect
+        # handler, lock held, after its history was sent and before it joins the live room
+        # (extras.notifications sends the user's own history and joins the user's room).
+        self.on_connect = []
         # Held while a message goes out and while a new client is sent its history,
         # so that a client never misses nor repeats a message in between. Reentrant:
         # sending to a client that stopped answering pings makes Engine.IO disconnect
@@ -118,6 +123,11 @@ class Feed:
         optionally with the ``"stream"`` N came from. Anything else, a ``last_id``
         from another stream or one this stream has not reached, means "send it all".
         """
+        last_id = self.resume_point(auth) or 0
+        return [message for message in self.history if message["id"] > last_id]
+
+    def resume_point(self, auth):
+        """Return the ``last_id`` a connecting client resumes from, or None if it sent none that this stream can use."""
         last_id = auth.get("last_id") if isinstance(auth, dict) else None
         stream = auth.get("stream", self.stream_id) if isinstance(auth, dict) else None
         if (
@@ -125,8 +135,18 @@ class Feed:
             or not 0 <= last_id <= self.last_id
             or stream != self.stream_id
         ):
-            last_id = 0
-        return [message for message in self.history if message["id"] > last_id]
+            return None
+        return last_id
+
+    def gap(self, auth):
+        """Return the gap signal for a client that resumes from before the oldest message kept, else None.
+
+        It missed the messages after ``after`` and before ``before`` for good: the history no longer has them.
+        """
+        last_id = self.resume_point(auth)
+        if last_id is None or not self.history or self.history[0]["id"] <= last_id + 1:
+            return None
+        return {"channel": "numbers", "after": last_id, "before": self.history[0]["id"]}
 
     def add_listener(self):
         """Count a listener of any transport in; the first one starts the producer. Call it with the lock held."""
@@ -219,13 +239,19 @@ def on_connect(auth):
     """A client connects: send it the messages it missed, then add it to the live room.
 
     It may send ``{"last_id": N, "stream": S}`` as auth data when it reconnects,
-    and then gets only the messages after N. The first client starts the producer.
+    and then gets only the messages after N; if some of those are no longer kept,
+    a ``gap`` event says so first. The first client starts the producer.
     """
     feed = current_feed()
     with feed.lock:
+        # To this client directly: through a message queue it could arrive after newer ones.
+        gap = feed.gap(auth)
+        if gap is not None:
+            emit(GAP_EVENT, gap, ignore_queue=True)
         for message in feed.missed_since(auth):
-            # To this client directly: through a message queue it could arrive after newer ones.
             emit(EVENT, message, ignore_queue=True)
+        for hook in feed.on_connect:
+            hook(auth)
         join_room(LIVE_ROOM)
         feed.add_listener()
 
@@ -255,6 +281,9 @@ def create_app(test_config=None, extras=EXTRAS):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
         logger.info("SECRET_KEY is not set: using a random key for this run")
     app.extensions["feed"] = Feed(app.config)
+    # Flask-SocketIO 5.7.0 keeps the client manager an earlier init_app made for a
+    # message queue, even when this one has none: forget it (tests create many apps).
+    socketio.server_options.pop("client_manager", None)
     socketio.init_app(
         app,
         async_mode=app.config["ASYNC_MODE"],
@@ -287,6 +316,7 @@ def create_app(test_config=None, extras=EXTRAS):
             transports=transports,
             namespace=NAMESPACE,
             event=EVENT,
+            gap_event=GAP_EVENT,
             value=VALUE,
             history_size=app.config["HISTORY_SIZE"],
         )

@@ -96,6 +96,11 @@ SETTINGS = {
     "PLAIN_PAGE_SECONDS": (300.0, number(above=0), "extras.streaming: how long /plain streams"),
     "PUBLISH_TOKEN": ("", text, "extras.publish: the bearer token of POST /publish; empty: no /publish"),
     "MESSAGE_QUEUE": ("", redis_url, "extras.cluster: Redis, to share one stream between processes"),
+    "NOTIFICATION_TTL": (
+        86400.0,
+        number(above=0),
+        "extras.notifications: seconds after a user's last notification before their ids and history are forgotten",
+    ),
 }
 
 

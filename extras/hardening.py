@@ -3,9 +3,10 @@ per-connection compression state for WebSockets."""
 import logging
 
 # Sent with every response: only this site's own files may run or load in the
-# page, and no other site may frame it.
+# page, its forms may post only to this site (the sign-in of extras.notifications),
+# and no other site may frame it.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",

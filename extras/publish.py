@@ -45,6 +45,9 @@ def publish():
         logger.warning("Refused a publish with a wrong token")
         return jsonify(error="Wrong token."), 403
     body = request.get_json(silent=True)
+    to_user = current_app.extensions.get("publish_to_user")  # set by extras.notifications
+    if to_user is not None and isinstance(body, dict) and "user" in body:
+        return to_user(body)
     value = body.get(VALUE) if isinstance(body, dict) else None
     if not is_finite_number(value):
         logger.warning("Refused a publish without a finite number")
