@@ -12,7 +12,7 @@ every 4.x release back to 4.0.0 as far as the source shows):
 - ``engineio/socket.py``, ``Socket.close(wait=True)`` puts the close packet and
   the end marker ``None`` on the session's queue, then ``self.queue.join()``:
   it returns only once a poll has taken both. None ever does: a new GET is
-  refused as an invalid session once the session is closed, and a GET that
+  refused, the session being closed (``Server._get_socket``), and a GET that
   takes the close packet puts the end marker back (``Socket.poll``).
 
 So the POST never gets an answer, and its thread (under gevent: its greenlet
