@@ -77,7 +77,7 @@ class LiveServer:
             raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or too busy to answer yet
             return False
 
     def health(self):
@@ -273,7 +273,7 @@ def nginx(tmp_path):
             assert process.poll() is None, (prefix / "error.log").read_text()
             try:
                 return requests.get(url + "/healthz", timeout=1).ok
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or too busy to answer yet
                 return False
 
         wait_until(answers, timeout=10, message="nginx")
