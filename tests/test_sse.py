@@ -329,11 +329,26 @@ def test_a_slow_reader_is_dropped_while_others_keep_their_timing(
         f"of scheduling delay measured meanwhile: {times}"
     )
     # Arrival minus broadcast time: the two clocks differ by a constant; delays would add to it.
-    delays = [event["received"] - message["time"] for event, message in zip(stream.events, messages)]
-    spread = max(delays) - min(delays)
-    assert spread < 0.5 + noise, (
-        f"delays from broadcast to arrival spread over {spread:.3f} s; expected under 0.5 s + {noise:.3f} s "
-        f"of scheduling delay measured meanwhile: {delays}"
+    # A server starved of CPU by a busy machine delivers 3 MB/s late to every client, and
+    # the sleeping probe does not see that; the Socket.IO client, whose path shares no
+    # writer with the streams, shows how late: the stream may spread as much, not more.
+    common = set(stream.ids()) & set(listener.ids())
+    delays = [
+        event["received"] - message["time"]
+        for event, message in zip(stream.events, messages)
+        if message["id"] in common
+    ]
+    control = [
+        arrived - message["time"]
+        for arrived, message in zip(listener.arrival_times, listener.messages)
+        if message["id"] in common
+    ]
+    spread, control_spread = max(delays) - min(delays), max(control) - min(control)
+    expected = 0.5 + noise + control_spread
+    assert spread < expected, (
+        f"delays from broadcast to arrival at the stream spread over {spread:.3f} s; expected under "
+        f"{expected:.3f} s: 0.5 s, {noise:.3f} s of scheduling delay and the {control_spread:.3f} s "
+        f"spread of the Socket.IO client's delays, measured meanwhile: {delays}"
     )
 
 
