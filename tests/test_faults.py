@@ -307,7 +307,7 @@ def start_watched_server(live_server, listen, ping_interval, ping_timeout):
     return server, server.process.pid, watcher
 
 
-@pytest.mark.timeout(300)  # two rounds of 1000 clients, on a machine that may be busy
+@pytest.mark.timeout(600)  # two rounds of 1000 clients, on a machine that may be very busy
 def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clients):
     # The clients answer pings until they vanish, so that all 1000 are connected at once
     # however long connecting them takes. Broadcasts twice a second: the one thread that
@@ -324,15 +324,16 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clien
     wait_until(lambda: server.health()["clients"] == 1, message="the watcher")
     baseline = process_resources(pid)
 
-    seen = {}  # what settled() saw last, for the failure message
+    seen = {}  # what settled() saw last in this round, for the failure message
 
     def settled():
         """Only the watcher is left, and the server holds no more threads than before."""
+        seen["threads"] = process_resources(pid).threads
         try:
             seen["clients"] = server.health()["clients"]
         except requests.Timeout:
+            seen["/healthz timed out"] = seen.get("/healthz timed out", 0) + 1
             return False  # still busy letting go of the clients
-        seen["threads"] = process_resources(pid).threads
         return seen["clients"] == 1 and seen["threads"] <= baseline.threads + 2
 
     rounds = []
@@ -341,13 +342,15 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clien
         clients = server.health()["clients"]
         assert clients == 1001, f"{clients} clients connected, not 1001 (1000 took {connect_seconds:.1f} s)"
         loaded = process_resources(pid)
+        seen.clear()
         dropped_at = time.monotonic()
         raw_clients.vanish()
         # A ping cycle at most (each client's ping task sleeps out its interval), and a
-        # busy machine's margin: some 3000 threads end at once.
+        # very busy machine's margin: some 3000 threads end at once, and while they do the
+        # server has been seen not to answer /healthz for 45 s (load average 350 on 2 cores).
         wait_until(
             settled,
-            timeout=ping_interval + ping_timeout + DEADLINE,
+            timeout=ping_interval + ping_timeout + 4 * DEADLINE,
             message=lambda: (
                 f"the server to let go of 1000 clients: 1 client and at most {baseline.threads + 2} threads "
                 f"expected; last seen {seen}"

@@ -291,8 +291,10 @@ def test_a_slow_reader_is_dropped_while_others_keep_their_timing(
     live_server, listen, open_stream, scheduling_delay, async_mode
 ):
     # Large broadcasts: the kernel's buffers on both ends of the slow connection
-    # (megabytes on loopback) fill in a few of them, and then its queue fills.
-    interval = 0.02
+    # (megabytes on loopback) fill in a few of them, and then its queue fills. Ten a
+    # second: a reader that falls QUEUE_SIZE (60) broadcasts behind is dropped too, and on
+    # a busy machine this process can be seconds late reading 64 kB broadcasts.
+    interval = 0.1
     command = ["python", "tests/serve_with_source.py", "sources:large", "--port", "{port}"]
     server = live_server(command=command, ASYNC_MODE=async_mode, INTERVAL=interval)
     listener = listen(server.url)
@@ -303,7 +305,10 @@ def test_a_slow_reader_is_dropped_while_others_keep_their_timing(
         slow.connect(("127.0.0.1", server.port))
         slow.sendall(f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
         wait_until(lambda: server.health()["clients"] == 3, message="three listeners")
-        wait_until(lambda: "Dropped a streaming client" in server.log(), message="the drop")
+        # Some 12 s on a quiet machine: megabytes of buffers, then 60 broadcasts.
+        wait_until(
+            lambda: "Dropped a streaming client" in server.log(), timeout=3 * DEADLINE, message="the drop"
+        )
         assert server.health()["clients"] == 2
         dropped_at = server.health()["last_id"]
         later = dropped_at + 20
