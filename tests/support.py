@@ -7,21 +7,32 @@ import threading
 import time
 from dataclasses import dataclass
 
+import pytest
 import socketio
 import websocket
 
 from protocol import EVENT, NAMESPACE
 
 
-def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
+# How long a test waits for something before it fails: generous enough for a busy 2-core
+# machine (CI may share one with other work). A poll ends as soon as its condition holds,
+# so only a test that fails waits this long.
+DEADLINE = 30.0
+
+
+def wait_until(condition, timeout=DEADLINE, interval=0.02, message="condition"):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds.
+
+    ``message`` says what was awaited; it may be a function, to describe what was seen last.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+            awaited = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout} s waiting for {awaited}")
         time.sleep(interval)
 
 
@@ -67,13 +78,19 @@ class Listener:
         return self
 
     def disconnect(self):
-        self.client.disconnect()
+        if self.client.connected:
+            self.client.disconnect()
+        # python-engineio 4.15.1's client leaves its WebSocket open when it gives up on its
+        # own ("packet queue is empty, aborting", after a server too busy to ping in time):
+        # close it here, or its socket is left to the garbage collector's ResourceWarning.
+        if self.client.eio.ws is not None:
+            self.client.eio.ws.shutdown()
 
     def ids(self):
         with self.lock:
             return [message["id"] for message in self.messages]
 
-    def wait_for_count(self, count, timeout=10.0):
+    def wait_for_count(self, count, timeout=DEADLINE):
         """Wait until at least ``count`` messages arrived; return them."""
         wait_until(lambda: len(self.messages) >= count, timeout, message=f"{count} messages")
         with self.lock:
@@ -89,12 +106,86 @@ def disconnect_all(listeners):
         thread.join()
 
 
+@pytest.fixture(name="listen")
+def listen_fixture():
+    """Connect Listeners (called as ``Listener(...).connect()`` is); disconnect them all after the test.
+
+    Import it into a test module as ``listen_fixture``; tests ask for it as ``listen``.
+    """
+    listeners = []
+
+    def listen(url, auth=None, origin=None, wait_timeout=10):
+        listener = Listener(url, auth=auth, origin=origin)
+        listeners.append(listener)
+        return listener.connect(wait_timeout)
+
+    yield listen
+    disconnect_all(listeners)
+
+
+class SchedulingDelay:
+    """A thread that sleeps in short steps and notes how late it wakes each time.
+
+    It measures the machine's own scheduling delay while a test runs, so that a timing
+    check can allow for the noise it saw rather than assume a quiet machine.
+    """
+
+    def __init__(self, step=0.01):
+        self.step = step
+        self.delays = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._measure, daemon=True)
+
+    def _measure(self):
+        while True:
+            before = time.monotonic()
+            if self._stopping.wait(self.step):
+                return
+            self.delays.append(time.monotonic() - before - self.step)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping.set()
+        self._thread.join()
+
+    def worst(self):
+        """The longest a thread of this process has waited for the CPU (seconds) so far."""
+        return max(self.delays, default=0.0)
+
+
+@pytest.fixture(name="scheduling_delay")
+def scheduling_delay_fixture():
+    """A ``SchedulingDelay`` measuring from the start of the test to its end."""
+    probe = SchedulingDelay().start()
+    yield probe
+    probe.stop()
+
+
+def assert_stops_promptly(server, sig, start_seconds):
+    """Stop ``server`` with ``sig``: it exits with 0 in less time than it took to start, or 2 s.
+
+    Starting (imports, a first request) is more work than stopping, and a busy machine
+    slows both; a server that waits for something before it exits takes longer than either.
+    """
+    expected = max(2.0, start_seconds)
+    started = time.monotonic()
+    assert server.stop(sig, timeout=DEADLINE) == 0
+    stopped_in = time.monotonic() - started
+    assert stopped_in < expected, (
+        f"stopped in {stopped_in:.2f} s after {sig!r}; expected under {expected:.2f} s "
+        f"(it started in {start_seconds:.2f} s)"
+    )
+
+
 def assert_consecutive(ids):
     """Each id is one more than the one before: no gap, no duplicate, no reordering."""
     assert ids == list(range(ids[0], ids[0] + len(ids))), ids
 
 
-def assert_stream_flows(listener, count=3, timeout=10.0):
+def assert_stream_flows(listener, count=3, timeout=DEADLINE):
     """Wait until ``listener`` has ``count`` more broadcasts; all it has are consecutive."""
     wait_for = len(listener.ids()) + count
     listener.wait_for_count(wait_for, timeout)

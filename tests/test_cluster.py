@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
@@ -12,7 +11,13 @@ import redis
 from application import create_app, socketio
 from live import PROJECT, live_server, nginx, redis_url, require_program  # noqa: F401  (fixtures)
 from protocol import NAMESPACE
-from support import Listener, assert_consecutive, disconnect_all, wait_until
+from support import (  # noqa: F401  (listen_fixture, scheduling_delay_fixture: the fixtures)
+    assert_consecutive,
+    disconnect_all,
+    listen_fixture,
+    scheduling_delay_fixture,
+    wait_until,
+)
 
 INTERVAL = 0.2
 LEADER_TIMEOUT = 3.0  # cluster.LEADER_TIMEOUT
@@ -59,6 +64,7 @@ def read_events(url, count, last_id=None):
     try:
         return next_events(response, count)
     finally:
+        response.close()
         connection.close()
 
 
@@ -70,15 +76,14 @@ def producers_started(servers):
     return sum(server.log().count(LEADS) for server in servers)
 
 
-def test_every_client_of_every_process_gets_each_broadcast_once_with_the_same_id(start_cluster):
+def test_every_client_of_every_process_gets_each_broadcast_once_with_the_same_id(start_cluster, listen):
     servers = start_cluster()
-    listeners = [Listener(server.url).connect() for server in servers for _ in range(3)]
+    listeners = [listen(server.url) for server in servers for _ in range(3)]
     try:
         first = max(server.health()["last_id"] for server in servers) + 1
         last = first + 9
         wait_until(
             lambda: all(last in listener.ids() for listener in listeners),
-            timeout=20,
             message="10 broadcasts at every client",
         )
         reference = None
@@ -98,12 +103,12 @@ def test_every_client_of_every_process_gets_each_broadcast_once_with_the_same_id
         disconnect_all(listeners)
 
 
-def test_a_client_resumes_on_another_process_without_a_gap(start_cluster):
+def test_a_client_resumes_on_another_process_without_a_gap(start_cluster, listen):
     server_a, server_b = start_cluster()
-    on_a = Listener(server_a.url).connect()
+    on_a = listen(server_a.url)
     seen = on_a.wait_for_count(3)[-1]
     on_a.disconnect()
-    on_b = Listener(server_b.url, auth={"last_id": seen["id"], "stream": seen["stream"]}).connect()
+    on_b = listen(server_b.url, auth={"last_id": seen["id"], "stream": seen["stream"]})
     try:
         messages = on_b.wait_for_count(5)
         assert messages[0]["id"] == seen["id"] + 1
@@ -123,56 +128,64 @@ def test_server_sent_events_on_both_processes_carry_the_same_stream(start_cluste
     assert {message["stream"] for message in from_a + from_b} == {from_a[0]["stream"]}
 
 
-def test_killing_the_leader_hands_the_stream_to_another_process_without_duplicates(start_cluster):
+def test_killing_the_leader_hands_the_stream_to_another_process_without_duplicates(
+    start_cluster, listen, scheduling_delay
+):
     servers = start_cluster()
-    listeners = [Listener(server.url).connect() for server in servers]
+    listeners = [listen(server.url) for server in servers]
     try:
         wait_until(lambda: any(server.health()["leader"] for server in servers), message="a leader")
         leader = next(server for server in servers if server.health()["leader"])
         survivor, listener = next((s, l) for s, l in zip(servers, listeners) if s is not leader)
         listener.wait_for_count(3)
         leader.stop(signal.SIGKILL)
-        killed_at = time.monotonic()
         before = len(listener.ids())
         # The survivor takes over once the dead leader's lock expires.
-        wait_until(lambda: len(listener.ids()) >= before + 5, timeout=LEADER_TIMEOUT + 10, message="5 more")
+        wait_until(lambda: len(listener.ids()) >= before + 5, message="5 more")
         assert survivor.health()["leader"]
         assert LEADS in survivor.log()
         messages = listener.wait_for_count(before + 5)
         assert_consecutive([message["id"] for message in messages])
         # The gap in the stream: from the last number before the kill to the first after it.
-        resumed = messages[before]["time"] - messages[before - 1]["time"]
-        assert resumed < LEADER_TIMEOUT + 3 * INTERVAL + 1.5, resumed
-        assert time.monotonic() - killed_at < LEADER_TIMEOUT + 10
+        # The lock lives LEADER_TIMEOUT + INTERVAL after its last renewal, then the survivor
+        # tries again within an interval; beyond that, only the machine's delays.
+        resumed, noise = messages[before]["time"] - messages[before - 1]["time"], scheduling_delay.worst()
+        expected = LEADER_TIMEOUT + 3 * INTERVAL + 1.5 + noise
+        assert resumed < expected, (
+            f"the stream resumed {resumed:.2f} s after the last number before the kill; expected under "
+            f"{expected:.2f} s, with the {noise:.3f} s of scheduling delay measured meanwhile"
+        )
     finally:
         disconnect_all(listeners)
 
 
-def test_a_leader_that_stops_lets_another_process_produce_at_once(start_cluster):
+def test_a_leader_that_stops_lets_another_process_produce_at_once(start_cluster, listen):
     (first,) = start_cluster(count=1)
-    leaving = Listener(first.url).connect()
+    leaving = listen(first.url)
     leaving.wait_for_count(1)
     (second,) = start_cluster(count=1)
-    staying = Listener(second.url).connect()
-    try:
-        staying.wait_for_count(3)
-        assert first.health()["leader"]
-        leaving.disconnect()  # the first process stops producing after its grace period
-        wait_until(lambda: LEADS in second.log(), timeout=15, message="the second to lead")
-        assert "This process no longer leads the cluster" in first.log()
-        count = len(staying.ids())
-        messages = staying.wait_for_count(count + 3)
-        assert_consecutive([message["id"] for message in messages])
-        # It let the lock go rather than waiting for it to expire: no gap of LEADER_TIMEOUT.
-        gaps = [later["time"] - earlier["time"] for earlier, later in zip(messages, messages[1:])]
-        assert max(gaps) < LEADER_TIMEOUT / 2, gaps
-    finally:
-        staying.disconnect()
+    staying = listen(second.url)
+    staying.wait_for_count(3)
+    assert first.health()["leader"]
+    leaving.disconnect()  # the first process stops producing after its grace period
+    wait_until(lambda: LEADS in second.log(), message="the second to lead")
+    assert "This process no longer leads the cluster" in first.log()
+    count = len(staying.ids())
+    messages = staying.wait_for_count(count + 3)
+    assert_consecutive([message["id"] for message in messages])
+    # It let the lock go rather than waiting for it to expire: waiting would leave a gap
+    # of over LEADER_TIMEOUT (the lock outlives its last renewal by that much). A busy
+    # machine may stretch a gap by a second or two, not to that.
+    gaps = [later["time"] - earlier["time"] for earlier, later in zip(messages, messages[1:])]
+    assert max(gaps) < LEADER_TIMEOUT - 2 * INTERVAL, (
+        f"longest gap {max(gaps):.2f} s; expected under {LEADER_TIMEOUT - 2 * INTERVAL:.2f} s, "
+        f"which a wait for the lock to expire would exceed: {gaps}"
+    )
 
 
-def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster):
+def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster, listen):
     servers = start_cluster(PUBLISH_TOKEN="secret")
-    listeners = [Listener(server.url).connect() for server in servers]
+    listeners = [listen(server.url) for server in servers]
     notices = []
     for listener in listeners:
         listener.client.on("notice", notices.append, namespace=NAMESPACE)
@@ -203,7 +216,8 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
             assert by_id[from_command["id"]] == from_command and from_command["number"] == 7.5
             assert_consecutive(listener.ids())
         # Garbage on the stream's channel is logged and skipped; the stream carries on.
-        redis.Redis.from_url(env["MESSAGE_QUEUE"]).publish("numbers:messages", b"not a message")
+        with redis.Redis.from_url(env["MESSAGE_QUEUE"]) as connection:
+            connection.publish("numbers:messages", b"not a message")
         wait_until(lambda: "not a message of the stream" in servers[1].log(), message="the garbage logged")
         count = len(listeners[1].ids())
         listeners[1].wait_for_count(count + 2)
@@ -220,13 +234,15 @@ def test_published_numbers_reach_every_process_with_the_stream_ids(start_cluster
         disconnect_all(listeners)
 
 
-def test_through_nginx_clients_of_both_backends_see_one_stream(start_cluster, nginx):
+def test_through_nginx_clients_of_both_backends_see_one_stream(start_cluster, nginx, listen):
     servers = start_cluster(command=GUNICORN)
     url = nginx([server.port for server in servers])
-    websocket_client = Listener(url).connect()  # a WebSocket through nginx's upgrade headers
+    websocket_client = listen(url)  # a WebSocket through nginx's upgrade headers
     # ip_hash sends each /24 to one backend: clients from several loopback /24s reach both.
-    streams = [open_stream(url, source_address=(f"127.0.{network}.1", 0)) for network in range(1, 9)]
+    streams = []
     try:
+        for network in range(1, 9):
+            streams.append(open_stream(url, source_address=(f"127.0.{network}.1", 0)))
         first = [next_events(response, 1)[0] for _, response in streams]
         last = max(message["id"] for message in first) + 3
         received = [
@@ -246,24 +262,21 @@ def test_through_nginx_clients_of_both_backends_see_one_stream(start_cluster, ng
                 if message["id"] in websocket_messages:
                     assert message == websocket_messages[message["id"]]
     finally:
-        for connection, _ in streams:
+        for connection, response in streams:
+            response.close()
             connection.close()
-        websocket_client.disconnect()
 
 
-def test_without_redis_a_process_serves_on_and_says_so(start_cluster, redis_url):
+def test_without_redis_a_process_serves_on_and_says_so(start_cluster, redis_url, listen):
     (server,) = start_cluster(count=1)
-    listeners = [Listener(server.url).connect()]
-    try:
-        listeners[0].wait_for_count(2)
-        redis.Redis.from_url(redis_url).shutdown(nosave=True)
-        wait_until(lambda: server.health()["redis"] == "unavailable", message="/healthz to say so")
-        wait_until(lambda: "Redis is unavailable" in server.log(), message="a line in the log")
-        listeners.append(Listener(server.url).connect())  # a newcomer is still served
-        assert server.health()["clients"] == 2
-        assert server.log().count("Redis is unavailable") == 1
-    finally:
-        disconnect_all(listeners)
+    listen(server.url).wait_for_count(2)
+    with redis.Redis.from_url(redis_url) as connection:
+        connection.shutdown(nosave=True)
+    wait_until(lambda: server.health()["redis"] == "unavailable", message="/healthz to say so")
+    wait_until(lambda: "Redis is unavailable" in server.log(), message="a line in the log")
+    listen(server.url)  # a newcomer is still served
+    assert server.health()["clients"] == 2
+    assert server.log().count("Redis is unavailable") == 1
 
 
 def test_a_process_that_shuts_down_never_leads_again(redis_url):

@@ -5,10 +5,14 @@ The 10,000 connect/disconnect cycles are a soak test, left out of the default ru
 ``python -m pytest -m soak``.
 """
 import contextlib
+import http.client
 import json
 import logging
+import queue
+import selectors
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,20 +23,129 @@ import websocket
 from extras.hardening import SECURITY_HEADERS
 from live import live_server, module_live_server  # noqa: F401  (fixtures)
 from protocol import NAMESPACE
-from test_handlers import WRONG_RESUME_DATA
-from support import (
+from support import (  # noqa: F401  (listen_fixture, scheduling_delay_fixture: the fixtures)
+    DEADLINE,
     ENGINEIO_PATH,
     Listener,
     assert_consecutive,
+    assert_stops_promptly,
     assert_stream_flows,
     drop_without_close,
     join_namespace,
+    listen_fixture,
     open_websocket,
     process_resources,
+    scheduling_delay_fixture,
     wait_until,
 )
+from test_handlers import WRONG_RESUME_DATA
 
 logger = logging.getLogger(__name__)  # the figures the README's "Reliability" section quotes
+
+
+class RawClients:
+    """Raw WebSocket clients (see support.open_websocket), each closed when the test ends.
+
+    One thread answers the pings of the ``answering`` clients, so that they stay connected
+    however long it takes to connect the others, until they ``vanish``.
+    """
+
+    def __init__(self):
+        self.connections = []
+        self.event_streams = []  # (connection, response) of each GET /stream
+        self._lock = threading.Lock()  # connections are opened from many threads at once
+        self._requests = queue.SimpleQueue()  # for the answering thread: clients to answer, vanish requests
+        self._stopping = threading.Event()
+        self._answerer = threading.Thread(target=self._answer_pings, daemon=True)
+
+    def open(self, url, **options):
+        connection = open_websocket(url, **options)
+        with self._lock:
+            self.connections.append(connection)
+        return connection
+
+    def join(self, url, answering=False):
+        """Open a client and connect it to the namespace; answer its pings from now on if ``answering``."""
+        connection = self.open(url)
+        assert join_namespace(connection).startswith(f"40{NAMESPACE},")
+        if answering:
+            with self._lock:
+                if not self._answerer.is_alive():
+                    self._answerer.start()
+            self._requests.put(connection)
+        return connection
+
+    def _answer_pings(self):
+        """Read every answering client's packets (broadcasts too); answer each ping "2" with a pong "3"."""
+        with selectors.DefaultSelector() as selector:
+            while not self._stopping.is_set():
+                while not self._requests.empty():
+                    request = self._requests.get()
+                    if isinstance(request, threading.Event):  # from vanish()
+                        for key in list(selector.get_map().values()):
+                            selector.unregister(key.fileobj)
+                            drop_without_close(key.data)
+                        request.set()
+                    else:
+                        selector.register(request.sock, selectors.EVENT_READ, request)
+                for key, _ in selector.select(timeout=0.1):
+                    try:
+                        packet = key.data.recv()
+                        if packet == "2":
+                            key.data.send("3")
+                    except (OSError, websocket.WebSocketException):
+                        packet = ""
+                    if packet == "":  # closed by the server: the test sees it in the count
+                        selector.unregister(key.fileobj)
+
+    def vanish(self):
+        """Drop every answering client at once, with no close frame: their network vanished."""
+        done = threading.Event()
+        self._requests.put(done)
+        if self._answerer.is_alive():
+            assert done.wait(DEADLINE), f"the answering thread did not drop its clients within {DEADLINE} s"
+
+    def close(self):
+        """Close every client at once (no close handshake with a server that may be gone)."""
+        self._stopping.set()
+        if self._answerer.is_alive():
+            self._answerer.join()
+        for connection in self.connections:
+            connection.shutdown()
+        for connection, response in self.event_streams:
+            if response is not None:
+                response.close()
+            connection.close()
+
+    def open_event_stream(self, url):
+        """GET /stream; return the response, unread (the kernel's buffers take what it is sent meanwhile)."""
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=DEADLINE)
+        self.event_streams.append((connection, None))
+        connection.request("GET", "/stream")
+        response = connection.getresponse()
+        self.event_streams[-1] = (connection, response)
+        assert response.status == 200, response.status
+        return response
+
+
+def read_ids(response, count):
+    """Read the ids of the next ``count`` events of an event stream."""
+    ids = []
+    while len(ids) < count:
+        line = response.readline().decode()
+        assert line, f"the stream ended after ids {ids}"
+        if line.startswith("id: "):
+            ids.append(int(line.removeprefix("id: ")))
+    return ids
+
+
+@pytest.fixture
+def raw_clients():
+    """A ``RawClients``: every client it opened is closed after the test, however the test ends."""
+    clients = RawClients()
+    yield clients
+    clients.close()
 
 
 # Bad input on the wire. One server takes every case in turn while a well-behaved
@@ -81,9 +194,9 @@ MALFORMED_PACKETS = {
 
 
 @pytest.mark.parametrize("packet", MALFORMED_PACKETS.values(), ids=MALFORMED_PACKETS.keys())
-def test_malformed_packet_is_shrugged_off(watched_server, packet):
+def test_malformed_packet_is_shrugged_off(watched_server, raw_clients, packet):
     with shrugged_off(watched_server) as url:
-        connection = open_websocket(url)
+        connection = raw_clients.open(url)
         if isinstance(packet, bytes):
             connection.send_binary(packet)
         else:
@@ -91,18 +204,18 @@ def test_malformed_packet_is_shrugged_off(watched_server, packet):
         connection.close()
 
 
-def test_unknown_namespace_is_refused(watched_server):
+def test_unknown_namespace_is_refused(watched_server, raw_clients):
     with shrugged_off(watched_server) as url:
-        connection = open_websocket(url)
+        connection = raw_clients.open(url)
         connection.send("40/admin,")
         assert connection.recv().startswith("44/admin,")
         connection.close()
 
 
 @pytest.mark.parametrize("event", ["newnumber", "hello", "disconnect", "connect"])
-def test_events_from_clients_are_ignored(watched_server, event):
+def test_events_from_clients_are_ignored(watched_server, raw_clients, event):
     with shrugged_off(watched_server) as url:
-        connection = open_websocket(url)
+        connection = raw_clients.open(url)
         assert join_namespace(connection).startswith(f"40{NAMESPACE},")
         for _ in range(20):
             connection.send(f'42{NAMESPACE},["{event}", {{"number": 1}}]')
@@ -112,17 +225,17 @@ def test_events_from_clients_are_ignored(watched_server, event):
 
 
 @pytest.mark.parametrize("auth", WRONG_RESUME_DATA, ids=repr)
-def test_resume_data_of_the_wrong_type_is_ignored(watched_server, auth):
+def test_resume_data_of_the_wrong_type_is_ignored(watched_server, raw_clients, auth):
     with shrugged_off(watched_server) as url:
-        connection = open_websocket(url)
+        connection = raw_clients.open(url)
         assert join_namespace(connection, json.dumps(auth)).startswith(f"40{NAMESPACE},")
         wait_until(lambda: connection.recv().startswith(f'42{NAMESPACE},["newnumber"'), message="a broadcast")
         connection.close()
 
 
-def test_oversized_websocket_message_is_refused(watched_server):
+def test_oversized_websocket_message_is_refused(watched_server, raw_clients):
     with shrugged_off(watched_server) as url:
-        connection = open_websocket(url)
+        connection = raw_clients.open(url)
         assert join_namespace(connection).startswith(f"40{NAMESPACE},")
         tcp = connection.sock  # the client lets go of it when the server closes the connection
         connection.send(f'42{NAMESPACE},["hello", "{"x" * 20_000}"]')  # MAX_MESSAGE_SIZE is 10,000
@@ -175,81 +288,112 @@ def test_every_response_has_the_security_headers(client, path):
 # Clients that vanish or stop reading.
 
 
-def connect_raw_client(url):
-    """Connect a raw WebSocket client to the namespace."""
-    connection = open_websocket(url)
-    assert join_namespace(connection).startswith(f"40{NAMESPACE},")
-    return connection
-
-
-def connect_raw_clients(url, count):
-    """Connect ``count`` raw WebSocket clients to the namespace, 50 at a time."""
+def connect_raw_clients(raw_clients, url, count):
+    """Connect ``count`` raw clients that answer pings, 50 at a time; return how long it took (seconds)."""
+    started = time.monotonic()
     with ThreadPoolExecutor(50) as pool:
-        return list(pool.map(connect_raw_client, [url] * count))
+        list(pool.map(lambda _: raw_clients.join(url, answering=True), range(count)))
+    return time.monotonic() - started
 
 
-def start_watched_server(live_server, ping_interval, ping_timeout):
+def start_watched_server(live_server, listen, ping_interval, ping_timeout):
     """Start a server with short pings and a client that watches its stream; return server, pid, watcher."""
     server = live_server(INTERVAL=0.1, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
-    watcher = Listener(server.url).connect()
+    watcher = listen(server.url)
     watcher.wait_for_count(3)
     return server, server.process.pid, watcher
 
 
-def test_a_thousand_vanished_clients_leave_nothing_behind(live_server):
-    # Raw clients never answer pings: they must be gone before the first ping times out.
-    ping_interval, ping_timeout = 6, 3
-    server, pid, watcher = start_watched_server(live_server, ping_interval, ping_timeout)
+@pytest.mark.timeout(600)  # two rounds of 1000 clients, on a machine that may be very busy
+def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clients):
+    # The clients answer pings until they vanish, so that all 1000 are connected at once
+    # however long connecting them takes. Broadcasts twice a second: the one thread that
+    # answers the pings reads every broadcast to every client too. A short ping interval,
+    # which a vanished client's ping task sleeps out before the server is rid of it, and
+    # a ping timeout long enough for a busy server to read the pongs of 1000 clients.
+    ping_interval, ping_timeout = 5, 10
+    server = live_server(INTERVAL=0.5, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
+    pid = server.process.pid
+    # The watcher reads Server-Sent Events, which have no pings: a server that lets go of
+    # 1000 clients at once on a busy machine can be too busy to ping any client in time
+    # (20 s and more), and then drops it, however healthy it is.
+    watcher = raw_clients.open_event_stream(server.url)
+    wait_until(lambda: server.health()["clients"] == 1, message="the watcher")
     baseline = process_resources(pid)
+
+    seen = {}  # what settled() saw last in this round, for the failure message
 
     def settled():
         """Only the watcher is left, and the server holds no more threads than before."""
+        seen["threads"] = process_resources(pid).threads
         try:
-            clients = server.health()["clients"]
+            seen["clients"] = server.health()["clients"]
         except requests.Timeout:
+            seen["/healthz timed out"] = seen.get("/healthz timed out", 0) + 1
             return False  # still busy letting go of the clients
-        return clients == 1 and process_resources(pid).threads <= baseline.threads + 2
+        return seen["clients"] == 1 and seen["threads"] <= baseline.threads + 2
 
     rounds = []
     for _ in range(2):  # the first round also grows the allocator's pools: compare the second with it
-        connections = connect_raw_clients(server.url, 1000)
-        assert server.health()["clients"] == 1001
+        connect_seconds = connect_raw_clients(raw_clients, server.url, 1000)
+        clients = server.health()["clients"]
+        assert clients == 1001, f"{clients} clients connected, not 1001 (1000 took {connect_seconds:.1f} s)"
         loaded = process_resources(pid)
+        seen.clear()
         dropped_at = time.monotonic()
-        for connection in connections:
-            drop_without_close(connection)
-        # Within one ping cycle, plus a margin for a busy machine.
-        wait_until(settled, timeout=ping_interval + ping_timeout + 5, message="the server to let go of 1000 clients")
+        raw_clients.vanish()
+        # A ping cycle at most (each client's ping task sleeps out its interval), and a
+        # very busy machine's margin: some 3000 threads end at once, and while they do the
+        # server has been seen not to answer /healthz for 45 s (load average 350 on 2 cores).
+        wait_until(
+            settled,
+            timeout=ping_interval + ping_timeout + 4 * DEADLINE,
+            message=lambda: (
+                f"the server to let go of 1000 clients: 1 client and at most {baseline.threads + 2} threads "
+                f"expected; last seen {seen}"
+            ),
+        )
         settled_after = time.monotonic() - dropped_at
         time.sleep(ping_timeout)  # Engine.IO sweeps closed sessions out once per ping timeout
-        rounds.append((loaded, settled_after, process_resources(pid)))
+        rounds.append((loaded, connect_seconds, settled_after, process_resources(pid)))
 
-    logger.info("1000 vanished clients: baseline %s; (loaded, seconds to settle, swept) %s", baseline, rounds)
+    logger.info(
+        "1000 vanished clients: baseline %s; (loaded, seconds to connect, seconds to settle, swept) %s",
+        baseline,
+        rounds,
+    )
     # A leak would keep most of what 1000 connections take (over 100 MiB); the allocator's
     # noise between two rounds is a few MiB. A quarter of the load is the line between.
     load_mib = rounds[0][0].rss_mib - baseline.rss_mib
-    assert rounds[1][2].rss_mib - rounds[0][2].rss_mib < load_mib / 4, rounds
-    assert_stream_flows(watcher)
-    watcher.disconnect()
+    growth_mib = rounds[1][3].rss_mib - rounds[0][3].rss_mib
+    assert growth_mib < load_mib / 4, (
+        f"RSS grew {growth_mib:.1f} MiB from the first round to the second; a quarter of what 1000 clients "
+        f"take ({load_mib:.1f} MiB) is the most allowed: {rounds}"
+    )
+    # The watcher was sent the stream all along, and it still flows.
+    ids = read_ids(watcher, server.health()["last_id"] + 3)
+    assert ids[0] == 1, ids
+    assert_consecutive(ids)
 
 
 @pytest.mark.soak
-def test_ten_thousand_connect_disconnect_cycles_do_not_grow(live_server):
+@pytest.mark.timeout(900)  # about 90 s on a quiet machine
+def test_ten_thousand_connect_disconnect_cycles_do_not_grow(live_server, listen, raw_clients):
     ping_interval, ping_timeout = 5, 5
-    server, pid, watcher = start_watched_server(live_server, ping_interval, ping_timeout)
+    server, pid, watcher = start_watched_server(live_server, listen, ping_interval, ping_timeout)
     baseline_threads = process_resources(pid).threads
 
     def cycles(count):
         """Connect and drop ``count`` raw clients, 20 at a time; wait until the server let go of them."""
 
         def cycle(_):
-            drop_without_close(connect_raw_client(server.url))
+            drop_without_close(raw_clients.join(server.url))
 
         with ThreadPoolExecutor(20) as pool:
             list(pool.map(cycle, range(count)))
         wait_until(
             lambda: server.health()["clients"] == 1 and process_resources(pid).threads <= baseline_threads + 2,
-            timeout=ping_interval + ping_timeout,
+            timeout=ping_interval + ping_timeout + 20,  # a ping cycle, and a busy machine's margin
             message="the server to let go of the cycles' clients",
         )
         time.sleep(ping_timeout)  # Engine.IO sweeps closed sessions out once per ping timeout
@@ -262,38 +406,49 @@ def test_ten_thousand_connect_disconnect_cycles_do_not_grow(live_server):
         cycles(2000)
         rss.append(process_resources(pid).rss_mib)
     logger.info("10,000 cycles in %.1f s; RSS (MiB) after each 2000: %s", time.monotonic() - started, rss)
-    assert rss[-1] - rss[-3] < 4000 * 1024 / 2**20
+    assert rss[-1] - rss[-3] < 4000 * 1024 / 2**20, f"RSS (MiB) after each 2000 cycles: {rss}"
     assert_stream_flows(watcher)
-    watcher.disconnect()
 
 
-def test_a_client_that_stops_reading_is_dropped_and_slows_nobody(live_server):
+def test_a_client_that_stops_reading_is_dropped_and_slows_nobody(
+    live_server, listen, raw_clients, scheduling_delay
+):
     interval = 0.1
     command = ["python", "tests/serve_with_source.py", "sources:large", "--port", "{port}"]
-    server = live_server(command=command, INTERVAL=interval, PING_INTERVAL=1, PING_TIMEOUT=1)
-    watcher = Listener(server.url).connect()
+    server = live_server(command=command, INTERVAL=interval, PING_INTERVAL=1, PING_TIMEOUT=2)
+    watcher = listen(server.url)
     watcher.wait_for_count(5)
     baseline = process_resources(server.process.pid)
 
     # A small receive buffer, and never a read: the server's buffers for it fill up.
-    stalled = open_websocket(server.url, sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    stalled = raw_clients.open(server.url, sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
     assert join_namespace(stalled).startswith(f"40{NAMESPACE},")
     stalled_at = len(watcher.ids())
     peak_rss = baseline.rss_mib
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + DEADLINE
     while server.health()["clients"] == 2:
-        assert time.monotonic() < deadline, "the stalled client was never dropped"
+        assert time.monotonic() < deadline, f"the stalled client was not dropped within {DEADLINE} s"
         peak_rss = max(peak_rss, process_resources(server.process.pid).rss_mib)
         time.sleep(0.1)
     assert_stream_flows(watcher, count=10)
 
-    # Every broadcast reached the watcher on time while the other client stalled.
+    # Every broadcast reached the watcher on time while the other client stalled: no
+    # wait for the stalled client's full buffers, beyond the delays this machine has
+    # shown (a thread of this process woke up to ``noise`` seconds late meanwhile).
     arrivals = watcher.arrival_times[stalled_at:]
     gaps = sorted(later - earlier for earlier, later in zip(arrivals, arrivals[1:]))
-    assert gaps[len(gaps) // 2] < interval + 0.02, gaps
-    assert gaps[-1] < interval + 0.5, gaps
-    assert peak_rss - baseline.rss_mib < 30
-    logger.info("stalled client: baseline %s, peak RSS %.1f MiB", baseline, peak_rss)
+    noise = scheduling_delay.worst()
+    median_gap, longest_gap = gaps[len(gaps) // 2], gaps[-1]
+    assert median_gap < interval + 0.02 + noise, (
+        f"median gap {median_gap:.3f} s between broadcasts at the watcher; expected under "
+        f"{interval} s + 0.02 s + {noise:.3f} s of scheduling delay measured meanwhile: {gaps}"
+    )
+    assert longest_gap < interval + 0.5 + noise, (
+        f"longest gap {longest_gap:.3f} s between broadcasts at the watcher; expected under "
+        f"{interval} s + 0.5 s + {noise:.3f} s of scheduling delay measured meanwhile: {gaps}"
+    )
+    assert peak_rss - baseline.rss_mib < 30, f"peak RSS {peak_rss:.1f} MiB, baseline {baseline}"
+    logger.info("stalled client: baseline %s, peak RSS %.1f MiB, delay %.3f s", baseline, peak_rss, noise)
 
     # Its last write to the full socket blocks until the client goes (or a proxy's send
     # timeout cuts it off); then the server holds nothing more for it.
@@ -302,7 +457,6 @@ def test_a_client_that_stops_reading_is_dropped_and_slows_nobody(live_server):
         lambda: process_resources(server.process.pid).threads <= baseline.threads + 1,
         message="the stalled client's threads to end",
     )
-    watcher.disconnect()
 
 
 # A number source that fails, hangs or is slow.
@@ -314,56 +468,63 @@ def serve_with_source(live_server, source, **settings):
     return live_server(command=command, **settings)
 
 
-def test_a_failing_source_is_reported_once(live_server):
+def test_a_failing_source_is_reported_once(live_server, listen):
     server = serve_with_source(live_server, "raising", INTERVAL=0.05)
-    listener = Listener(server.url).connect()
+    listen(server.url)
     health = wait_until(lambda: server.health()["status"] == "degraded" and server.health(), message="degraded")
     assert "ConnectionError('database unavailable')" in health["problem"]
     assert health["producer_running"] and health["last_broadcast_time"] is None
     time.sleep(0.5)  # ten more failing ticks
     assert server.log().count("next_number() failed") == 1
-    listener.disconnect()
 
 
-def test_a_hanging_source_skips_ticks_then_recovers(live_server):
-    interval = 0.1
+def test_a_hanging_source_skips_ticks_then_recovers(live_server, listen):
+    # An interval long enough that on a busy machine only the hang makes a call late,
+    # and short enough that the 2 s hang skips several ticks.
+    interval = 0.25
     server = serve_with_source(live_server, "hanging", INTERVAL=interval)  # the fifth call takes 2 s
-    listener = Listener(server.url).connect()
+    listener = listen(server.url)
     health = wait_until(lambda: server.health()["status"] == "degraded" and server.health(), message="degraded")
     assert "has not returned" in health["problem"]
     wait_until(lambda: time.time() - server.health()["last_broadcast_time"] > 1, message="no broadcast for 1 s")
 
-    wait_until(lambda: server.health()["status"] == "ok", timeout=5, message="recovery")
+    wait_until(lambda: server.health()["status"] == "ok", message="recovery")
     assert_stream_flows(listener, count=5)
     log = server.log()
     assert log.count("has not returned") == 1
     assert log.count("next_number() works again") == 1
-    # The late value went out once, then the schedule carried on: no burst to catch up.
+    # The late value went out once, then the schedule carried on: no burst to catch up. A
+    # broadcast may follow a late one closely (the schedule catches up, or starts again
+    # from it), but a burst puts three or more within half an interval.
     times = [message["time"] for message in listener.messages]
-    assert min(later - earlier for earlier, later in zip(times, times[1:])) > interval / 2
-    listener.disconnect()
+    spans = [times[i + 2] - times[i] for i in range(len(times) - 2)]
+    assert min(spans) > interval / 2, (
+        f"three broadcasts within {min(spans):.3f} s; expected any three to span over {interval / 2} s: "
+        f"{times}"
+    )
 
 
-def test_a_slow_source_slows_the_stream_without_bursts(live_server):
+def test_a_slow_source_slows_the_stream_without_bursts(live_server, listen):
     interval = 0.1
     server = serve_with_source(live_server, "slow", INTERVAL=interval)  # 0.15 s per value
-    listener = Listener(server.url).connect()
+    listener = listen(server.url)
     messages = listener.wait_for_count(6)
     listener.disconnect()
     assert_consecutive([message["id"] for message in messages])
+    # One call at a time, each 0.15 s: however busy the machine, never two values within one interval.
     gaps = [later["time"] - earlier["time"] for earlier, later in zip(messages, messages[1:])]
-    assert min(gaps) > interval, gaps
+    assert min(gaps) > interval, f"broadcasts {min(gaps):.3f} s apart; expected over {interval} s: {gaps}"
     assert server.health()["status"] == "degraded"
     assert server.log().count("has not returned") == 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stops_promptly_while_the_source_hangs(live_server, sig):
+def test_stops_promptly_while_the_source_hangs(live_server, listen, sig):
+    started = time.monotonic()
     server = serve_with_source(live_server, "hanging_forever", INTERVAL=0.05)  # three values, then nothing
-    listener = Listener(server.url).connect()
+    start_seconds = time.monotonic() - started
+    listener = listen(server.url)
     listener.wait_for_count(3)
     wait_until(lambda: server.health()["status"] == "degraded", message="degraded")
-    started = time.monotonic()
-    assert server.stop(sig, timeout=5) == 0
-    assert time.monotonic() - started < 2
+    assert_stops_promptly(server, sig, start_seconds)
     wait_until(lambda: not listener.client.connected, message="the client to notice")

@@ -12,7 +12,14 @@ import socketio
 import websockets.sync.client
 
 from live import PROJECT, live_server  # noqa: F401  (a fixture)
-from support import Listener, assert_consecutive, disconnect_all, wait_until
+from support import (  # noqa: F401  (listen_fixture: the fixture)
+    Listener,
+    assert_consecutive,
+    assert_stops_promptly,
+    disconnect_all,
+    listen_fixture,
+    wait_until,
+)
 
 @pytest.mark.parametrize("async_mode", ["threading", "gevent"])
 def test_burst_of_connects_starts_one_producer_on_a_fixed_schedule(live_server, async_mode):
@@ -30,18 +37,17 @@ def test_burst_of_connects_starts_one_producer_on_a_fixed_schedule(live_server, 
             errors.append(error)
 
     threads = [threading.Thread(target=connect, args=(listener,)) for listener in listeners]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
     try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
         wait_until(lambda: server.health()["clients"] == 200, message="200 clients")
         first_common_id = server.health()["last_id"] + 1
         last_common_id = first_common_id + 29
         wait_until(
             lambda: all(last_common_id in listener.ids() for listener in listeners),
-            timeout=20,
             message="30 broadcasts at every client",
         )
         assert server.log().count("Producer started") == 1
@@ -55,20 +61,27 @@ def test_burst_of_connects_starts_one_producer_on_a_fixed_schedule(live_server, 
                 reference = common
             assert common == reference
 
-        # The schedule is fixed: broadcast n goes out at start + n * interval, so
-        # lateness does not grow however long each emit to 200 clients takes.
-        start = reference[0]["time"]
-        lateness = [m["time"] - (start + i * interval) for i, m in enumerate(reference)]
-        assert sorted(lateness[-10:])[5] < 0.03, lateness
+        # The schedule is fixed: broadcast n is due at start + n * interval, so lateness
+        # does not grow however long each emit to 200 clients takes. How late each one is
+        # depends on how busy the machine is; but after a late broadcast the next one
+        # catches up with the schedule, sooner than one interval later, where a producer
+        # that slept for an interval after each emit would never send two that close.
+        times = [message["time"] for message in reference]
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        catching_up = [gap for gap in gaps if gap < interval]
+        assert len(catching_up) >= 3, (
+            f"{len(catching_up)} of {len(gaps)} gaps between broadcasts were shorter than the {interval} s "
+            f"interval; a fixed schedule makes about half of them so: {gaps}"
+        )
     finally:
         disconnect_all(listeners)
 
 
-def test_late_joiner_gets_history_then_live(live_server):
+def test_late_joiner_gets_history_then_live(live_server, listen):
     server = live_server(INTERVAL=0.05)
-    first = Listener(server.url).connect()
+    first = listen(server.url)
     wait_until(lambda: server.health()["last_id"] >= 15, message="15 broadcasts")
-    late = Listener(server.url).connect()
+    late = listen(server.url)
     messages = late.wait_for_count(15)
     first.disconnect()
     late.disconnect()
@@ -78,17 +91,17 @@ def test_late_joiner_gets_history_then_live(live_server):
     assert len(ids) >= 15 and ids[0] >= 6
 
 
-def test_resume_gets_exactly_the_missed_broadcasts(live_server):
+def test_resume_gets_exactly_the_missed_broadcasts(live_server, listen):
     # A wide history window: what the client misses while away must still be in it.
     server = live_server(INTERVAL=0.05, HISTORY_SIZE=1000)
-    listener = Listener(server.url).connect()
+    listener = listen(server.url)
     listener.wait_for_count(3)
     listener.disconnect()
     last_seen = listener.messages[-1]
     wait_until(lambda: server.health()["last_id"] >= last_seen["id"] + 4, message="four more broadcasts")
 
     auth = {"last_id": last_seen["id"], "stream": last_seen["stream"]}
-    resumed = Listener(server.url, auth=auth).connect()
+    resumed = listen(server.url, auth=auth)
     messages = resumed.wait_for_count(6)
     resumed.disconnect()
     ids = [message["id"] for message in messages]
@@ -96,16 +109,16 @@ def test_resume_gets_exactly_the_missed_broadcasts(live_server):
     assert_consecutive(ids)
 
 
-def test_restart_changes_the_stream_id(live_server):
+def test_restart_changes_the_stream_id(live_server, listen):
     server = live_server(INTERVAL=0.05)
-    listener = Listener(server.url).connect()
+    listener = listen(server.url)
     before = listener.wait_for_count(5)[-1]
     listener.disconnect()
     assert server.stop() == 0
 
     server.start()
     auth = {"last_id": before["id"], "stream": before["stream"]}
-    resumed = Listener(server.url, auth=auth).connect()
+    resumed = listen(server.url, auth=auth)
     after = resumed.wait_for_count(3)
     resumed.disconnect()
     assert after[0]["stream"] != before["stream"]
@@ -113,14 +126,13 @@ def test_restart_changes_the_stream_id(live_server):
     assert after[0]["id"] == 1  # a new stream starts again, and the old last_id is ignored
 
 
-def test_cross_origin_connection_is_refused(live_server):
+def test_cross_origin_connection_is_refused(live_server, listen):
     server = live_server()
-    intruder = Listener(server.url, origin="http://evil.example")
     with pytest.raises(socketio.exceptions.ConnectionError):
-        intruder.connect()
+        listen(server.url, origin="http://evil.example")
     assert server.health()["clients"] == 0
 
-    same_origin = Listener(server.url, origin=server.url).connect()
+    same_origin = listen(server.url, origin=server.url)
     wait_until(lambda: server.health()["clients"] == 1, message="same-origin client")
     same_origin.disconnect()
 
@@ -135,25 +147,25 @@ def test_websocket_compression_is_declined(live_server, async_mode):
         assert "Sec-WebSocket-Extensions" not in websocket.response.headers
 
 
-def test_allowed_origins_are_configurable(live_server):
+def test_allowed_origins_are_configurable(live_server, listen):
     server = live_server(ALLOWED_ORIGINS="https://app.example, https://other.example")
-    friend = Listener(server.url, origin="https://other.example").connect()
+    friend = listen(server.url, origin="https://other.example")
     wait_until(lambda: server.health()["clients"] == 1, message="listed origin")
     friend.disconnect()
     with pytest.raises(socketio.exceptions.ConnectionError):
-        Listener(server.url, origin="http://evil.example").connect()
+        listen(server.url, origin="http://evil.example")
 
 
 @pytest.mark.parametrize("async_mode", ["threading", "gevent"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stops_promptly_with_clients_connected(live_server, sig, async_mode):
+def test_stops_promptly_with_clients_connected(live_server, listen, sig, async_mode):
+    started = time.monotonic()
     server = live_server(ASYNC_MODE=async_mode, INTERVAL=0.05)
-    listeners = [Listener(server.url).connect() for _ in range(5)]
+    start_seconds = time.monotonic() - started
+    listeners = [listen(server.url) for _ in range(5)]
     for listener in listeners:
         listener.wait_for_count(2)
-    started = time.monotonic()
-    assert server.stop(sig, timeout=5) == 0
-    assert time.monotonic() - started < 2
+    assert_stops_promptly(server, sig, start_seconds)
     assert "Stopped" in server.log()
     assert "Traceback" not in server.log()
     assert "KeyboardInterrupt" not in server.log()
@@ -165,18 +177,18 @@ def test_listens_on_localhost_only_by_default(live_server):
     assert f"Serving on http://127.0.0.1:{server.port}" in server.log()
 
 
-def test_gunicorn_command_from_the_readme(live_server):
+def test_gunicorn_command_from_the_readme(live_server, listen):
     command = "gunicorn --worker-class gthread --workers 1 --threads 100 --bind 127.0.0.1:{port} application:create_app()"
     gunicorn = live_server(command=command.split())
-    listener = Listener(gunicorn.url).connect()
+    listener = listen(gunicorn.url)
     assert_consecutive([message["id"] for message in listener.wait_for_count(2)])
     listener.disconnect()
 
 
-def test_a_test_number_source_replaces_next_number(live_server):
+def test_a_test_number_source_replaces_next_number(live_server, listen):
     command = ["python", "tests/serve_with_source.py", "sources:markup", "--port", "{port}"]
     server = live_server(command=command)
-    listener = Listener(server.url).connect()
+    listener = listen(server.url)
     (message, *_) = listener.wait_for_count(1)
     listener.disconnect()
     assert message["number"] == '<img src="x" onerror="window.injected = true">'
