@@ -200,6 +200,7 @@ def produce(feed):
     """The background task: publish a new value every INTERVAL seconds while anyone listens."""
     logger.info("Producer started")
     next_tick = time.monotonic()
+    skipped = False  # whether the last tick went by without a value
     while True:
         # Sleep until a fixed tick rather than for a fixed time, so that the time
         # each broadcast takes does not add up into drift. A shutdown wakes it.
@@ -215,9 +216,15 @@ def produce(feed):
             value = feed.source()
         except Exception as error:
             logger.warning("next_number() failed, so this tick is skipped: %r", error)
+            value = None
+        if value is None:
+            skipped = True
             continue
-        if value is not None:
-            feed.publish(value)
+        feed.publish(value)
+        if skipped:
+            # A value after a gap may be a late one: start the schedule again from it,
+            # so that the next one does not follow it at once.
+            next_tick, skipped = time.monotonic(), False
     logger.info("Producer stopped")
     for hook in feed.on_producer_stop:
         hook()
