@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from live import browser, live_server, module_live_server, nginx, open_tab  # noqa: F401  (fixtures)
+from protocol import VALUE
 from sources import markup
 from support import (  # noqa: F401  (listen_fixture, scheduling_delay_fixture: the fixtures)
     DEADLINE,
@@ -64,7 +65,7 @@ def heard(listener, count, newest=None):
     should show them."""
     with listener.lock:
         messages = [message for message in listener.messages if newest is None or message["id"] <= newest]
-    return [(message["id"], f"{message['number']:.3f}") for message in reversed(messages[-count:])]
+    return [(message["id"], f"{message[VALUE]:.3f}") for message in reversed(messages[-count:])]
 
 
 def state(tab):

@@ -17,7 +17,7 @@ import settings
 from application import create_app, socketio
 from extras import notifications as notifications_extra
 from live import PROJECT, BrowserTab, browser, live_server, redis_url  # noqa: F401  (fixtures)
-from protocol import EVENT, GAP_EVENT, NAMESPACE, NOTIFICATION_EVENT, NOTIFY_EVENT
+from protocol import EVENT, GAP_EVENT, NAMESPACE, NOTIFICATION_EVENT, NOTIFY_EVENT, VALUE
 from support import disconnect_all, wait_until
 
 TOKEN = "test-token"
@@ -377,12 +377,12 @@ def test_publish_to_a_user_needs_the_token(app, connect):
 
 
 def test_publish_of_numbers_still_works_with_and_without_notifications(app):
-    assert publish(app.test_client(), {"number": 4.2}).json["number"] == 4.2
+    assert publish(app.test_client(), {VALUE: 4.2}).json[VALUE] == 4.2
     extras = [extra for extra in __import__("application").EXTRAS if extra != "extras.notifications"]
     alone = create_app({"TESTING": True, "INTERVAL": 3600.0, "PUBLISH_TOKEN": TOKEN}, extras=extras)
     try:
         http = alone.test_client()
-        assert publish(http, {"number": 4.2}).json["number"] == 4.2
+        assert publish(http, {VALUE: 4.2}).json[VALUE] == 4.2
         assert publish(http, {"user": "alice", "text": "x"}).status_code == 400  # not a number: as before
         assert http.post("/login", data={"name": "alice"}).status_code == 404
         assert 'id="notifications"' not in http.get("/").text

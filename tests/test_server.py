@@ -12,6 +12,7 @@ import socketio
 import websockets.sync.client
 
 from live import PROJECT, live_server  # noqa: F401  (a fixture)
+from protocol import VALUE
 from support import (  # noqa: F401  (listen_fixture: the fixture)
     Listener,
     assert_consecutive,
@@ -191,7 +192,7 @@ def test_a_test_number_source_replaces_next_number(live_server, listen):
     listener = listen(server.url)
     (message, *_) = listener.wait_for_count(1)
     listener.disconnect()
-    assert message["number"] == '<img src="x" onerror="window.injected = true">'
+    assert message[VALUE] == '<img src="x" onerror="window.injected = true">'
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from application import create_app
 from extras import streaming
 from extras.streaming import requested_last_id
 from live import SERVERS, live_server, start_server  # noqa: F401  (a fixture)
-from protocol import EVENT
+from protocol import EVENT, VALUE
 from support import (  # noqa: F401  (listen_fixture, scheduling_delay_fixture: the fixtures)
     DEADLINE,
     assert_consecutive,
@@ -370,7 +370,7 @@ def test_multiline_and_non_ascii_data_arrive_intact(live_server, open_stream, so
     finally:
         stream.close()
     assert len(stream.events) == len(messages)  # a line break in the value made no extra event
-    assert all(message["number"] == expected for message in messages)
+    assert all(message[VALUE] == expected for message in messages)
     if source == "unicode":
         assert expected.encode("utf-8") in stream.raw  # sent as UTF-8, as the content type says
 
