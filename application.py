@@ -58,6 +58,7 @@ from flask_socketio import SocketIO, emit, join_room
 
 import cluster
 import sse
+from extras import fast_fanout
 
 NAMESPACE = "/test"
 EVENT = "newnumber"
@@ -79,6 +80,7 @@ DEFAULT_SETTINGS = {
     "MAX_MESSAGE_SIZE": 10_000,  # bytes; clients only ever send their auth data
     "MESSAGE_QUEUE": "",  # redis://host:port/db to share one stream between processes; empty: this process only
     "PUBLISH_TOKEN": "",  # the bearer token for POST /publish; empty: no /publish
+    "FAST_FANOUT": 0,  # 1: write broadcasts straight to each WebSocket (extras/fast_fanout.py); 0: off
 }
 
 # Sent with every response: only this site's own files may run or load in the
@@ -286,7 +288,7 @@ def fan_out(feed, message):
     Call it with ``feed.lock`` held.
     """
     # ignore_queue: to this process's clients only; in a cluster each process sends to its own.
-    socketio.emit(EVENT, message, namespace=NAMESPACE, to=LIVE_ROOM, ignore_queue=True)
+    fast_fanout.emit_to_room(socketio, EVENT, message, NAMESPACE, LIVE_ROOM)
     for subscriber in list(feed.subscribers):
         if not subscriber.offer(message):
             logger.warning("Dropped a streaming client %d broadcasts behind", sse.QUEUE_SIZE)
@@ -512,6 +514,7 @@ def create_app(test_config=None):
         max_http_buffer_size=app.config["MAX_MESSAGE_SIZE"],
         engineio_logger=engineio_logger,
     )
+    fast_fanout.init_app(app)
     app.wsgi_app = without_websocket_compression(app.wsgi_app)
     if message_queue is not None:
         join_cluster(feed, message_queue, app.config["HISTORY_SIZE"])
