@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 # Each column: its key in a row, its heading in the table, and how to format it.
 COLUMNS = [
-    ("server", "server", "{:<12}"),
+    ("server", "server", "{:<16}"),
     ("clients", "clients", "{:>7}"),
     ("broadcasts_per_s", "bcast/s", "{:>7.2f}"),
     ("deliveries_per_s", "deliv/s", "{:>8.0f}"),
@@ -27,7 +27,7 @@ COLUMNS = [
 # The medians of each server's runs at one client count, and their ratios to the reference's.
 RATIOS = [("p99_ms", "p99_ratio"), ("cpu_us_per_delivery", "cpu_ratio"), ("kb_per_connection", "kb_ratio")]
 SUMMARY_COLUMNS = [
-    ("server", "server", "{:<12}"),
+    ("server", "server", "{:<16}"),
     ("clients", "clients", "{:>7}"),
     ("runs", "runs", "{:>4}"),
     ("delivered_pct", "min delivered %", "{:>15.2f}"),

@@ -167,13 +167,13 @@ class Fanout:
         direct = queued = partial = 0
         for _, eio_sid in server.manager.get_participants(namespace, room):
             connection = self.connections.get(eio_sid)
-            sent = connection.try_send(frame) if connection is not None else False
-            if sent:
-                direct += 1
-                partial += sent is PARTIAL
-            else:
+            outcome = connection.try_send(frame) if connection is not None else QUEUE
+            if outcome is QUEUE:
                 server._send_eio_packet(eio_sid, eio_pkt)  # what Manager.emit calls for each participant
                 queued += 1
+            elif outcome is not DROPPED:
+                direct += 1
+                partial += outcome is PARTIAL
         self.direct += direct
         self.queued += queued
         self.finished_by_writer += partial
@@ -217,22 +217,22 @@ class Connection:
         self.remainder = b""  # the end of a frame a non-blocking send did not finish
 
     def try_send(self, frame):
-        """Write ``frame`` now without waiting and return True (PARTIAL if the writer is to finish
-        it), or return False to use the queue.
+        """Write ``frame`` now without waiting and return SENT (PARTIAL if the writer is to finish
+        it), or return QUEUE: the caller is to put it on the client's queue.
 
         The ordinary path's ``Socket.send`` (engineio/socket.py) first checks the
         client's pings, closing it if it stopped answering; so does this.
         """
         eio_socket = self.eio_socket
         if eio_socket.closed or eio_socket.closing:
-            return False
+            return QUEUE
         try:
             if not eio_socket.check_ping_timeout():
-                return True  # dropped, as Socket.send drops it: the client is gone and being closed
+                return DROPPED  # as Socket.send drops it: the client is gone, and now being closed
         except engineio_exceptions.SocketIsClosedError:
-            return False  # closed by another thread just now: the ordinary path says so in the log
+            return QUEUE  # closed by another thread just now: the ordinary path says so in the log
         if self.queue.unsent or not self.lock.acquire(blocking=False):
-            return False
+            return QUEUE
         try:
             # Checked again under the lock: the writer sends (and counts) under it too.
             if (
@@ -241,12 +241,12 @@ class Connection:
                 or not self.websocket.connected
                 or self.websocket.ws.state is not ConnectionState.OPEN
             ):
-                return False
+                return QUEUE
             try:
                 sent = self.raw.send(frame, socket.MSG_DONTWAIT)
             except OSError:
                 # Full (EAGAIN), or broken: the queue's writer will wait, or find out and close.
-                return False
+                return QUEUE
             if sent < len(frame):
                 # Part of the frame is on the wire: its end must follow before any
                 # other write. LockedSocket writes it first; the writer, woken by
@@ -254,7 +254,7 @@ class Connection:
                 self.remainder = frame[sent:]
                 self.queue.put(FinishFrame())
                 return PARTIAL
-            return True
+            return SENT
         finally:
             self.lock.release()
 
@@ -319,7 +319,11 @@ class FinishFrame(engineio_packet.Packet):
 
 
 FINISH_FRAME = object()  # what FinishFrame encodes to; FanoutWebSocket.send knows it
-PARTIAL = "partial"  # try_send wrote part of the frame, and the writer is to write the rest (true)
+# What Connection.try_send did with a frame.
+SENT = "sent"
+PARTIAL = "partial"  # wrote its beginning; the client's writer is to write the rest
+DROPPED = "dropped"  # nothing: the client stopped answering pings, as Engine.IO's own send drops it
+QUEUE = "queue"  # nothing: the caller is to put it on the client's queue
 
 
 def counting_queue_class(base):
