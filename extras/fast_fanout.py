@@ -19,8 +19,7 @@ So each connection's socket is wrapped, before its reader thread starts, in a
 ``LockedSocket`` that serializes every write under one lock; the fan-out loop
 takes that lock without waiting, or uses the queue.
 
-    FAST_FANOUT=1 python application.py
-
+On unless the app's ``FAST_FANOUT`` setting is 0 (``FAST_FANOUT=0 python application.py``).
 Used only with the library versions it was written and tested against
 (``TESTED_VERSIONS``), in the threading and gevent modes with simple-websocket;
 otherwise it logs one line and every broadcast takes the ordinary path.
@@ -136,6 +135,7 @@ class Fanout:
         self.direct = 0  # deliveries written straight to a socket
         self.finished_by_writer = 0  # of those, frames whose end the client's writer had to write
         self.queued = 0  # deliveries that took the client's queue
+        self.reported = False  # whether report_once has logged
         # Engine.IO makes each connection's queue and WebSocket with the classes in
         # eio._async (engineio/base_server.py create_queue; engineio/socket.py
         # _upgrade_websocket). A copy for this server alone: other servers keep theirs.
@@ -198,6 +198,12 @@ class Fanout:
         websocket.sock = LockedSocket(sock, connection)
         self.connections[eio_socket.sid] = connection
         return connection
+
+    def report_once(self, problem):
+        """Log a problem the first time only: it would otherwise repeat for every connection."""
+        if not self.reported:
+            self.reported = True
+            logger.warning("Fast fan-out: %s (further occurrences are not logged)", problem)
 
     def remove(self, eio_sid, connection):
         """Forget a connection whose WebSocket has ended."""
@@ -372,7 +378,11 @@ def fanout_websocket_class(base, fanout):
                 # simple_websocket/ws.py Base.__init__ makes its reader thread with
                 # thread_class(target=self._thread) after the handshake and before
                 # starting it: the last moment at which nothing else writes.
-                self.connection = fanout.add(self.eio_socket, target.__self__)
+                try:
+                    self.connection = fanout.add(self.eio_socket, target.__self__)
+                except Exception as error:
+                    # Not expected with the tested versions; the connection then simply takes the ordinary path.
+                    fanout.report_once(f"a connection takes the ordinary path: {error!r}")
                 return reader_class(target=target)
 
             self.server_args = {**self.server_args, "thread_class": start_reader}
