@@ -80,7 +80,7 @@ DEFAULT_SETTINGS = {
     "MAX_MESSAGE_SIZE": 10_000,  # bytes; clients only ever send their auth data
     "MESSAGE_QUEUE": "",  # redis://host:port/db to share one stream between processes; empty: this process only
     "PUBLISH_TOKEN": "",  # the bearer token for POST /publish; empty: no /publish
-    "FAST_FANOUT": 1,  # 1: write broadcasts straight to each WebSocket (extras/fast_fanout.py); 0: off
+    "FAST_FANOUT": 0,  # 1: write broadcasts straight to each WebSocket (extras/fast_fanout.py); 0: off
 }
 
 # Sent with every response: only this site's own files may run or load in the

@@ -19,7 +19,7 @@ So each connection's socket is wrapped, before its reader thread starts, in a
 ``LockedSocket`` that serializes every write under one lock; the fan-out loop
 takes that lock without waiting, or uses the queue.
 
-On unless the app's ``FAST_FANOUT`` setting is 0 (``FAST_FANOUT=0 python application.py``).
+On when the app's ``FAST_FANOUT`` setting is 1 (``FAST_FANOUT=1 python application.py``).
 Used only with the library versions it was written and tested against
 (``TESTED_VERSIONS``), in the threading and gevent modes with simple-websocket;
 otherwise it logs one line and every broadcast takes the ordinary path.

@@ -67,8 +67,8 @@ def test_other_library_versions_turn_it_off_with_one_log_line(monkeypatch, caplo
         app.extensions["number_feed"].stop()
 
 
-def test_off_when_set_to_0():
-    app = fresh_app(FAST_FANOUT=0)
+def test_off_unless_set():
+    app = fresh_app(FAST_FANOUT=0)  # the default
     try:
         assert socketio.server not in fast_fanout._fanouts
     finally:
