@@ -40,9 +40,7 @@ from flask import Flask, current_app, jsonify, render_template, request
 from flask_socketio import SocketIO, emit, join_room
 
 import settings
-from protocol import EVENT, GAP_EVENT, NAMESPACE, VALUE
-
-LIVE_ROOM = "live"  # the Socket.IO clients that have had their history and get each new message
+from protocol import EVENT, GAP_EVENT, LIVE_ROOM, NAMESPACE, VALUE
 
 # The extras, each a module of extras/ with an init_app(app), plugged in in this order.
 # To remove one, delete its line here and its file.
@@ -53,6 +51,7 @@ EXTRAS = [
     "extras.streaming",  # the same stream as Server-Sent Events (/stream) and as a page without JavaScript (/plain)
     "extras.publish",  # POST /publish and `flask --app application publish`: values from other programs
     "extras.cluster",  # MESSAGE_QUEUE=redis://...: several processes, one stream, one producer
+    "extras.fast_fanout",  # FAST_FANOUT=1: each broadcast framed once and written to every WebSocket
     "extras.notifications",  # sign-in, and each user's own notifications on /test and /notifications/stream
 ]
 
@@ -84,7 +83,7 @@ class Feed:
         self.stopped = threading.Event()  # set when the server shuts down
         # What the extras plug into:
         self.source = next_number  # called once a tick; the watchdog and the cluster wrap it
-        self.transports = [send_to_live_room]  # each is called with every new message, lock held
+        self.transports = {"socketio": send_to_live_room}  # name: a function called with every new message, lock held
         self.health_checks = []  # each returns fields for /healthz; a "problem" among them means 503
         self.on_producer_stop = []  # each is called when the producer stops
         # Each is called with a connecting Socket.IO client's auth data inside the connect
@@ -113,7 +112,7 @@ class Feed:
             self.last_id = message["id"]
             self.last_broadcast_time = message["time"]
             self.history.append(message)
-            for send in self.transports:
+            for send in self.transports.values():
                 send(message)
 
     def missed_since(self, auth):

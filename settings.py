@@ -50,6 +50,16 @@ def one_of(*choices):
     return parse
 
 
+def switch(value):
+    """Accept 0 or 1 (also as text): off or on."""
+    if str(value) not in ("0", "1"):
+        raise ValueError(value)
+    return str(value) == "1"
+
+
+switch.accepts = "0 (off) or 1 (on)"
+
+
 def text(value):
     return str(value)
 
@@ -95,6 +105,7 @@ SETTINGS = {
     "HEARTBEAT": (15.0, number(above=0), "extras.streaming: seconds of silence before /stream sends a comment"),
     "PLAIN_PAGE_SECONDS": (300.0, number(above=0), "extras.streaming: how long /plain streams"),
     "PUBLISH_TOKEN": ("", text, "extras.publish: the bearer token of POST /publish; empty: no /publish"),
+    "FAST_FANOUT": (0, switch, "extras.fast_fanout: 1 writes each broadcast straight to every WebSocket"),
     "MESSAGE_QUEUE": ("", redis_url, "extras.cluster: Redis, to share one stream between processes"),
     "NOTIFICATION_TTL": (
         86400.0,

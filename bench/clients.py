@@ -11,8 +11,7 @@ import time
 
 import websockets
 
-NAMESPACE = "/test"
-EVENT = "newnumber"
+from protocol import EVENT, NAMESPACE
 CONNECT = f"40{NAMESPACE},"  # Engine.IO "message" + Socket.IO "connect", both ways
 EVENT_PREFIX = f"42{NAMESPACE},"  # Engine.IO "message" + Socket.IO "event"
 PING = "2"
@@ -20,10 +19,16 @@ PONG = "3"
 
 
 class Client:
-    """One WebSocket connection that records, for each broadcast id, how late it arrived."""
+    """One WebSocket connection that records, for each broadcast id, how late it arrived.
 
-    def __init__(self, deflate):
+    ``sent`` is shared by all the clients of a run: broadcast id -> the payload's
+    time. What the clients received, not what the server says, tells which
+    broadcasts there were, so any server can be measured (the reference has no /healthz).
+    """
+
+    def __init__(self, deflate, sent):
         self.deflate = deflate  # offer permessage-deflate, as every browser does
+        self.sent = sent
         self.latencies = {}  # broadcast id -> seconds from the payload's time to its receipt
         self.connected = asyncio.Event()
         self.websocket = None
@@ -52,6 +57,7 @@ class Client:
                     event, message = json.loads(packet[len(EVENT_PREFIX):])
                     if event == EVENT:
                         self.latencies[message["id"]] = received - message["time"]
+                        self.sent[message["id"]] = message["time"]
                 elif packet == PING:
                     await self.websocket.send(PONG)
                 elif packet.startswith(CONNECT):
@@ -65,11 +71,11 @@ class Client:
         await self.reader
 
 
-async def connect_all(url, count, deflate, batch_size=100, timeout=30.0):
+async def connect_all(url, count, deflate, sent, batch_size=100, timeout=30.0):
     """Connect ``count`` clients, ``batch_size`` at a time, so the server is never flooded with handshakes."""
     clients = []
     for start in range(0, count, batch_size):
-        batch = [Client(deflate) for _ in range(min(batch_size, count - start))]
+        batch = [Client(deflate, sent) for _ in range(min(batch_size, count - start))]
         clients.extend(batch)
         await asyncio.gather(*(client.connect(url, timeout) for client in batch))
     return clients

@@ -52,7 +52,7 @@ def init_app(app):
     subscribers = set()
     app.extensions["streaming_subscribers"] = subscribers
     feed = app.extensions["feed"]
-    feed.transports.append(lambda message: offer_to_all(feed, subscribers, message))
+    feed.transports["sse"] = lambda message: offer_to_all(feed, subscribers, message)
     app.extensions["page_transports"].append("sse")
     app.register_blueprint(bp)
     origins = settings.allowed_origins(app.config["ALLOWED_ORIGINS"])

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,11 @@ import redis
 import requests
 from playwright.sync_api import sync_playwright
 
+from bench.server import free_port
 from scripts.screenshot import CHROMIUM, launch_chromium
 from support import wait_until
 
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

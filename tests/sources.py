@@ -53,3 +53,14 @@ def slow():
 def large():
     """Return 64 kB of text: a client that stops reading soon has full buffers."""
     return "x" * 65536
+
+
+SIZES = [0, 10, 20, 30, 40, 50, 1000, 65400, 65420, 65440, 65460, 100_000]
+
+
+def varied():
+    """Return text whose size changes at every call: frames on both sides of the WebSocket
+    length boundaries (125 and 65,535 bytes), and some too large for one non-blocking send."""
+    global calls
+    calls += 1
+    return "x" * SIZES[calls % len(SIZES)]

@@ -1,0 +1,430 @@
+"""Fast fan-out: frame a broadcast once and write it to every client's WebSocket from one loop.
+
+The ordinary path, ``socketio.emit(..., to=room, ignore_queue=True)``, puts the
+broadcast on each client's Engine.IO queue; each client's writer (a thread, or
+a greenlet under gevent) then wakes, frames it with wsproto and sends it. Most
+of the CPU per delivery is that per-client wake and framing. Here the frame is
+built once and written straight to each socket with a non-blocking send, from
+the loop that fans out. A client whose socket would block, or whose queue still
+holds packets its writer has not sent, gets the broadcast on its queue as
+before, so each client's order is kept: history, then live, and nothing ever
+overtakes what is already queued.
+
+No two writes to one socket may overlap, or their bytes could interleave on the
+wire: the Engine.IO writer sends messages, pings and the close packet, and
+simple-websocket's reader thread sends WebSocket pongs and close replies, each
+with a plain ``sock.send`` and no lock of the library's own
+(simple_websocket/ws.py: ``Base.send``, ``Base.close``, ``Base._handle_events``).
+So each connection's socket is wrapped, before its reader thread starts, in a
+``LockedSocket`` that serializes every write under one lock; the fan-out loop
+takes that lock without waiting, or uses the queue.
+
+On when the app's ``FAST_FANOUT`` setting is 1 (``FAST_FANOUT=1 python application.py``).
+Used only with the library versions it was written and tested against
+(``TESTED_VERSIONS``), in the threading and gevent modes with simple-websocket;
+otherwise it logs one line and every broadcast takes the ordinary path.
+"""
+import _socket
+import atexit
+import importlib.metadata
+import logging
+import socket
+import struct
+import threading
+import weakref
+
+from engineio import exceptions as engineio_exceptions
+from engineio import packet as engineio_packet
+from engineio.async_drivers._websocket_wsgi import SimpleWebSocketWSGI
+from socketio import packet as socketio_packet
+from socketio.manager import Manager
+from socketio.pubsub_manager import PubSubManager
+from wsproto.connection import ConnectionState
+
+from protocol import EVENT, LIVE_ROOM, NAMESPACE
+
+logger = logging.getLogger("extras.fast_fanout")
+
+# Each was read for the details this module depends on (cited where used).
+TESTED_VERSIONS = {
+    "python-socketio": "5.18.1",
+    "python-engineio": "4.15.1",
+    "simple-websocket": "1.1.0",
+    "wsproto": "1.3.2",
+}
+ASYNC_MODES = ("threading", "gevent")
+
+# python-socketio Server -> its Fanout; weak, so that the servers of finished apps (tests) go away.
+_fanouts = weakref.WeakKeyDictionary()
+
+
+def init_app(app):
+    """With FAST_FANOUT=1 and the libraries it was tested with, the feed's Socket.IO transport takes the fast path."""
+    if not app.config["FAST_FANOUT"]:
+        return
+    socketio = app.extensions["socketio"]
+    problem = unsupported(socketio.server)
+    if problem:
+        logger.warning("Fast fan-out is off: %s", problem)
+        return
+    _fanouts[socketio.server] = Fanout(socketio.server.eio)
+    app.extensions["feed"].transports["socketio"] = (
+        lambda message: emit_to_room(socketio, EVENT, message, NAMESPACE, LIVE_ROOM)
+    )
+    logger.info("Fast fan-out is on (%s mode)", socketio.server.eio.async_mode)
+
+
+def emit_to_room(socketio, event, data, namespace, room):
+    """Send ``event`` with ``data`` to the clients of this process in ``room`` of ``namespace``.
+
+    What ``socketio.emit(event, data, namespace=namespace, to=room, ignore_queue=True)``
+    does, through the fast path when ``init_app`` turned it on.
+    """
+    fanout = _fanouts.get(socketio.server)
+    if fanout is None or not fanout.emit(socketio.server, event, data, namespace, room):
+        socketio.emit(event, data, namespace=namespace, to=room, ignore_queue=True)
+
+
+def unsupported(server):
+    """Return why the fast path cannot serve this python-socketio server, or None if it can."""
+    found = {}
+    for name in TESTED_VERSIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    if found != TESTED_VERSIONS:
+        return "it was tested with {} only; installed: {}".format(
+            ", ".join(f"{name} {version}" for name, version in TESTED_VERSIONS.items()),
+            ", ".join(f"{name} {version}" for name, version in found.items()),
+        )
+    eio = server.eio
+    if eio.async_mode not in ASYNC_MODES:
+        return f"async mode {eio.async_mode!r} (it supports {', '.join(ASYNC_MODES)})"
+    websocket_class = eio._async["websocket"]
+    if not (isinstance(websocket_class, type) and issubclass(websocket_class, SimpleWebSocketWSGI)):
+        return f"the WebSocket server is {websocket_class!r}, not simple-websocket"
+    # socketio/pubsub_manager.py: with ignore_queue, PubSubManager.emit is Manager.emit.
+    if type(server.manager).emit not in (Manager.emit, PubSubManager.emit):
+        return f"the client manager {type(server.manager).__name__} has an emit() of its own"
+    return None
+
+
+def text_frame(text):
+    """Return the bytes of one unmasked, final WebSocket text frame holding ``text``.
+
+    Byte for byte what simple-websocket sends for ``ws.send(text)`` on a
+    connection without extensions: wsproto's ``FrameProtocol.send_data`` and
+    ``_serialize_frame`` (wsproto/frame_protocol.py): FIN + opcode 1, then the
+    length in 7 bits, or 126 + 16 bits, or 127 + 64 bits; a server does not mask.
+    """
+    payload = text.encode("utf-8")
+    length = len(payload)
+    if length <= 125:
+        header = struct.pack("!BB", 0x81, length)
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
+
+class Fanout:
+    """The fast path of one python-socketio server: its open WebSocket connections, and the emit loop."""
+
+    def __init__(self, eio):
+        self.connections = {}  # Engine.IO sid -> Connection, while its WebSocket is open
+        self.direct = 0  # deliveries written straight to a socket
+        self.finished_by_writer = 0  # of those, frames whose end the client's writer had to write
+        self.queued = 0  # deliveries that took the client's queue
+        self.reported = False  # whether report_once has logged
+        # Engine.IO makes each connection's queue and WebSocket with the classes in
+        # eio._async (engineio/base_server.py create_queue; engineio/socket.py
+        # _upgrade_websocket). A copy for this server alone: other servers keep theirs.
+        classes = dict(eio._async)
+        classes["queue"] = counting_queue_class(classes["queue"])
+        classes["websocket"] = fanout_websocket_class(classes["websocket"], self)
+        eio._async = classes
+        _log_totals_at_exit()
+
+    def emit(self, server, event, data, namespace, room):
+        """Do what python-socketio's ``Server.emit`` and ``Manager.emit`` do for one event, no callback.
+
+        Returns False, having sent nothing, for the packets this path does not
+        frame (binary attachments); the caller then takes the ordinary path.
+        """
+        namespace = namespace or "/"
+        # socketio/manager.py Manager.emit: one packet, encoded once, for every participant.
+        arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+        pkt = server.packet_class(socketio_packet.EVENT, namespace=namespace, data=[event] + arguments)
+        encoded = pkt.encode()
+        if isinstance(encoded, list):
+            return False
+        server.logger.info('emitting event "%s" to %s [%s]', event, room or "all", namespace)
+        if namespace not in server.manager.rooms:
+            return True
+        eio_pkt = engineio_packet.Packet(engineio_packet.MESSAGE, encoded)
+        # engineio/async_drivers/_websocket_wsgi.py: the writer sends pkt.encode() as text.
+        frame = text_frame(eio_pkt.encode())
+        direct = queued = partial = 0
+        for _, eio_sid in server.manager.get_participants(namespace, room):
+            connection = self.connections.get(eio_sid)
+            outcome = connection.try_send(frame) if connection is not None else QUEUE
+            if outcome is QUEUE:
+                server._send_eio_packet(eio_sid, eio_pkt)  # what Manager.emit calls for each participant
+                queued += 1
+            elif outcome is not DROPPED:
+                direct += 1
+                partial += outcome is PARTIAL
+        self.direct += direct
+        self.queued += queued
+        self.finished_by_writer += partial
+        return True
+
+    def add(self, eio_socket, websocket):
+        """Take a new WebSocket connection on the fast path if it fits; return its Connection, or None."""
+        sock = websocket.sock
+        # gevent's socket keeps the real one, non-blocking, in _sock (gevent/_socket3.py).
+        raw = sock if isinstance(sock, _socket.socket) else getattr(sock, "_sock", None)
+        protocol = websocket.ws.connection
+        if (
+            not isinstance(raw, _socket.socket)
+            # A socket with a timeout would make send() wait for room (CPython's
+            # sock_call_ex polls first), even with MSG_DONTWAIT.
+            or raw.gettimeout() not in (None, 0.0)
+            or protocol is None
+            or protocol._proto.extensions  # permessage-deflate frames differently
+        ):
+            return None
+        connection = Connection(eio_socket, websocket, raw)
+        websocket.sock = LockedSocket(sock, connection)
+        self.connections[eio_socket.sid] = connection
+        return connection
+
+    def report_once(self, problem):
+        """Log a problem the first time only: it would otherwise repeat for every connection."""
+        if not self.reported:
+            self.reported = True
+            logger.warning("Fast fan-out: %s (further occurrences are not logged)", problem)
+
+    def remove(self, eio_sid, connection):
+        """Forget a connection whose WebSocket has ended."""
+        if self.connections.get(eio_sid) is connection:
+            del self.connections[eio_sid]
+
+
+class Connection:
+    """One client's WebSocket on the fast path: its socket, its lock, and its Engine.IO state."""
+
+    def __init__(self, eio_socket, websocket, raw):
+        self.eio_socket = eio_socket
+        self.queue = eio_socket.queue  # a counting queue (counting_queue_class)
+        self.websocket = websocket  # simple_websocket.Server
+        self.raw = raw
+        self.lock = threading.Lock()  # held for every write to the socket, by anyone
+        self.remainder = b""  # the end of a frame a non-blocking send did not finish
+
+    def try_send(self, frame):
+        """Write ``frame`` now without waiting and return SENT (PARTIAL if the writer is to finish
+        it), or return QUEUE: the caller is to put it on the client's queue.
+
+        The ordinary path's ``Socket.send`` (engineio/socket.py) first checks the
+        client's pings, closing it if it stopped answering; so does this.
+        """
+        eio_socket = self.eio_socket
+        if eio_socket.closed or eio_socket.closing:
+            return QUEUE
+        try:
+            if not eio_socket.check_ping_timeout():
+                return DROPPED  # as Socket.send drops it: the client is gone, and now being closed
+        except engineio_exceptions.SocketIsClosedError:
+            return QUEUE  # closed by another thread just now: the ordinary path says so in the log
+        if self.queue.unsent or not self.lock.acquire(blocking=False):
+            return QUEUE
+        try:
+            # Checked again under the lock: the writer sends (and counts) under it too.
+            if (
+                self.queue.unsent
+                or self.remainder
+                or not self.websocket.connected
+                or self.websocket.ws.state is not ConnectionState.OPEN
+            ):
+                return QUEUE
+            try:
+                sent = self.raw.send(frame, socket.MSG_DONTWAIT)
+            except OSError:
+                # Full (EAGAIN), or broken: the queue's writer will wait, or find out and close.
+                return QUEUE
+            if sent < len(frame):
+                # Part of the frame is on the wire: its end must follow before any
+                # other write. LockedSocket writes it first; the writer, woken by
+                # this packet, writes it now.
+                self.remainder = frame[sent:]
+                self.queue.put(FinishFrame())
+                return PARTIAL
+            return SENT
+        finally:
+            self.lock.release()
+
+    def write(self, sock, data, *flags):
+        """Write for simple-websocket, after the end of an unfinished frame, under the lock; all of it.
+
+        simple-websocket 1.1.0 writes each frame with one ``sock.send`` and
+        ignores how much it took (miguelgrinberg/simple-websocket#45, still so
+        upstream): under gevent the socket does not block, and a large frame to
+        a slow client loses its end, which wedges the connection. Writing all
+        of it here mends that for the connections this module serves.
+        """
+        with self.lock:
+            self._finish_frame(sock)
+            sock.sendall(data, *flags)
+            return len(data)
+
+    def finish_frame(self, sock):
+        """Write the end of an unfinished frame, if any (for the writer, woken by FinishFrame)."""
+        with self.lock:
+            self._finish_frame(sock)
+
+    def _finish_frame(self, sock):
+        if self.remainder:
+            remainder, self.remainder = self.remainder, b""
+            sock.sendall(remainder)
+
+
+class LockedSocket:
+    """A connection's socket as simple-websocket sees it: every write goes through the Connection's lock."""
+
+    def __init__(self, sock, connection):
+        self._sock = sock
+        self._connection = connection
+
+    def send(self, data, *flags):
+        return self._connection.write(self._sock, data, *flags)
+
+    def sendall(self, data, *flags):
+        with self._connection.lock:
+            self._connection._finish_frame(self._sock)
+            return self._sock.sendall(data, *flags)
+
+    def finish_frame(self):
+        self._connection.finish_frame(self._sock)
+
+    def recv(self, size, *flags):
+        return self._sock.recv(size, *flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)  # fileno, close and the rest: as the socket's own
+
+
+class FinishFrame(engineio_packet.Packet):
+    """A packet for the writer that sends nothing new: it finishes the frame a non-blocking send began."""
+
+    def __init__(self):
+        super().__init__(engineio_packet.NOOP)
+
+    def encode(self, b64=False):
+        return FINISH_FRAME
+
+
+FINISH_FRAME = object()  # what FinishFrame encodes to; FanoutWebSocket.send knows it
+# What Connection.try_send did with a frame.
+SENT = "sent"
+PARTIAL = "partial"  # wrote its beginning; the client's writer is to write the rest
+DROPPED = "dropped"  # nothing: the client stopped answering pings, as Engine.IO's own send drops it
+QUEUE = "queue"  # nothing: the caller is to put it on the client's queue
+
+
+def counting_queue_class(base):
+    """Return Engine.IO's queue class, counting the packets put in it that the writer has not sent yet.
+
+    The writer takes every waiting packet off the queue at once, then sends
+    them one by one (engineio/socket.py: ``poll``, and ``writer`` in
+    ``_websocket_handler``): an empty queue does not mean nothing is waiting.
+    """
+
+    class CountingQueue(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unsent = 0
+            self.unsent_lock = threading.Lock()
+
+        def put(self, item, *args, **kwargs):
+            if item is not None:  # None only tells the writer to stop
+                with self.unsent_lock:
+                    self.unsent += 1
+            return super().put(item, *args, **kwargs)
+
+        def sent_one(self):
+            with self.unsent_lock:
+                self.unsent -= 1
+
+    return CountingQueue
+
+
+def fanout_websocket_class(base, fanout):
+    """Return Engine.IO's WebSocket class, adding each new connection to ``fanout`` while it is open."""
+
+    class FanoutWebSocket(base):
+        def __init__(self, handler, server, **kwargs):
+            super().__init__(handler, server, **kwargs)
+            # engineio/socket.py: the handler is the Engine.IO socket's _websocket_handler.
+            self.eio_socket = handler.__self__
+            self.connection = None
+            if self.eio_socket.connected:
+                # An upgrade from long-polling: its probe is sent outside the
+                # writer, which the counting does not expect. Ordinary path.
+                return
+            reader_class = self.server_args.get("thread_class", threading.Thread)  # simple-websocket's default
+
+            def start_reader(target):
+                # simple_websocket/ws.py Base.__init__ makes its reader thread with
+                # thread_class(target=self._thread) after the handshake and before
+                # starting it: the last moment at which nothing else writes.
+                try:
+                    self.connection = fanout.add(self.eio_socket, target.__self__)
+                except Exception as error:
+                    # Not expected with the tested versions; the connection then simply takes the ordinary path.
+                    fanout.report_once(f"a connection takes the ordinary path: {error!r}")
+                return reader_class(target=target)
+
+            self.server_args = {**self.server_args, "thread_class": start_reader}
+
+        def __call__(self, environ, start_response):
+            try:
+                return super().__call__(environ, start_response)
+            finally:
+                if self.connection is not None:
+                    fanout.remove(self.eio_socket.sid, self.connection)
+
+        def send(self, message):
+            """Send what the writer took off the queue (and only that: see counting_queue_class)."""
+            if self.connection is None:
+                return super().send(message)
+            try:
+                if message is FINISH_FRAME:
+                    return self.ws.sock.finish_frame()
+                return super().send(message)
+            finally:
+                self.eio_socket.queue.sent_one()
+
+    return FanoutWebSocket
+
+
+_exit_hook = []
+
+
+def _log_totals_at_exit():
+    """Log, once when the process ends, how many deliveries each path made (tests and benchmarks read it)."""
+    if _exit_hook:
+        return
+    _exit_hook.append(True)
+
+    def log_totals():
+        for fanout in list(_fanouts.values()):
+            logger.info(
+                "Fast fan-out: %d deliveries written directly (%d finished by the client's writer), "
+                "%d through the queue",
+                fanout.direct, fanout.finished_by_writer, fanout.queued,
+            )
+
+    atexit.register(log_totals)
