@@ -10,6 +10,13 @@ from application import create_app, socketio
 from protocol import NAMESPACE
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """No test may hang the run: at most 120 s each, where pytest-timeout (requirements-dev.txt) is installed."""
+    if config.pluginmanager.hasplugin("timeout") and config.getoption("timeout") is None:
+        config.option.timeout = 120
+
+
 @pytest.fixture
 def app():
     """A fresh app whose producer only broadcasts when a test asks it to (its interval is long)."""
