@@ -308,3 +308,19 @@ def test_failing_number_source_is_logged_and_skipped(make_fast_app, monkeypatch,
     assert feed.producer is not None
     assert any(m.startswith("next_number() failed: RuntimeError") for m in caplog.messages)
     assert_consecutive(received_ids(test_client))
+
+
+@pytest.mark.parametrize("removed", application.EXTRAS)
+def test_each_extra_can_be_removed(removed):
+    """Deleting an extra's line from EXTRAS leaves an app that serves the page and the stream."""
+    app = create_app({"TESTING": True, "INTERVAL": 3600.0}, extras=[e for e in application.EXTRAS if e != removed])
+    feed = app.extensions["feed"]
+    try:
+        assert app.test_client().get("/").status_code == 200
+        assert app.test_client().get("/healthz").status_code == 200
+        feed.publish(1.0)
+        test_client = socketio.test_client(app, namespace=NAMESPACE)
+        assert received_ids(test_client) == [1]
+        test_client.disconnect(NAMESPACE)
+    finally:
+        feed.stop()
