@@ -187,8 +187,10 @@ class Feed:
         }
         problems = []
         for check in self.health_checks:
-            fields = check()
-            problems += [fields.pop("problem")] if fields.get("problem") else []
+            fields = dict(check())
+            problem = fields.pop("problem", None)
+            if problem:
+                problems.append(problem)
             status.update(fields)
         if problems:
             status.update(status="degraded", problem="; ".join(problems))
