@@ -19,6 +19,15 @@ So each connection's socket is wrapped, before its reader thread starts, in a
 ``LockedSocket`` that serializes every write under one lock; the fan-out loop
 takes that lock without waiting, or uses the queue.
 
+Fewer threads or greenlets per connection, too. Engine.IO keeps one task per
+client asleep until its next ping (engineio/socket.py: ``schedule_ping``
+starts ``_send_ping``, which sleeps ``ping_interval``); here one ``Pinger``
+sends every client's pings. And simple-websocket reads each connection in a
+thread of its own, which hands each message to the connection's handler
+(``Base._thread``, ``Base.receive``); here the handler reads the socket
+itself. Of the four threads or greenlets a connection had, two remain: the
+handler and Engine.IO's writer.
+
 On when the app's ``FAST_FANOUT`` setting is 1 (``FAST_FANOUT=1 python application.py``).
 Used only with the library versions it was written and tested against
 (``TESTED_VERSIONS``), in the threading and gevent modes with simple-websocket;
@@ -26,11 +35,14 @@ otherwise it logs one line and every broadcast takes the ordinary path.
 """
 import _socket
 import atexit
+import collections
+import functools
 import importlib.metadata
 import logging
 import socket
 import struct
 import threading
+import time
 import weakref
 
 from engineio import exceptions as engineio_exceptions
@@ -40,6 +52,7 @@ from socketio import packet as socketio_packet
 from socketio.manager import Manager
 from socketio.pubsub_manager import PubSubManager
 from wsproto.connection import ConnectionState
+from wsproto.utilities import LocalProtocolError
 
 from protocol import EVENT, LIVE_ROOM, NAMESPACE
 
@@ -145,6 +158,17 @@ class Fanout:
         classes["queue"] = counting_queue_class(classes["queue"])
         classes["websocket"] = fanout_websocket_class(classes["websocket"], self)
         eio._async = classes
+        self.pinger = Pinger(eio)
+        # Engine.IO calls each new socket's schedule_ping() just after its
+        # connect handler (engineio/server.py _handle_connect): every client's
+        # pings, polling or WebSocket, from the first, are the Pinger's.
+        connect_handler = eio.handlers["connect"]
+
+        def connect(sid, environ):
+            eio.sockets[sid].schedule_ping = functools.partial(self.pinger.schedule, sid)
+            return connect_handler(sid, environ)
+
+        eio.handlers["connect"] = connect
         _log_totals_at_exit()
 
     def emit(self, server, event, data, namespace, room):
@@ -167,9 +191,11 @@ class Fanout:
         # engineio/async_drivers/_websocket_wsgi.py: the writer sends pkt.encode() as text.
         frame = text_frame(eio_pkt.encode())
         direct = queued = partial = 0
+        now = time.time()  # for the clients' ping timeouts, as Engine.IO's send checks them
+        connections = self.connections
         for _, eio_sid in server.manager.get_participants(namespace, room):
-            connection = self.connections.get(eio_sid)
-            outcome = connection.try_send(frame) if connection is not None else QUEUE
+            connection = connections.get(eio_sid)
+            outcome = connection.try_send(frame, now) if connection is not None else QUEUE
             if outcome is QUEUE:
                 server._send_eio_packet(eio_sid, eio_pkt)  # what Manager.emit calls for each participant
                 queued += 1
@@ -224,21 +250,25 @@ class Connection:
         self.lock = threading.Lock()  # held for every write to the socket, by anyone
         self.remainder = b""  # the end of a frame a non-blocking send did not finish
 
-    def try_send(self, frame):
+    def try_send(self, frame, now):
         """Write ``frame`` now without waiting and return SENT (PARTIAL if the writer is to finish
         it), or return QUEUE: the caller is to put it on the client's queue.
 
         The ordinary path's ``Socket.send`` (engineio/socket.py) first checks the
-        client's pings, closing it if it stopped answering; so does this.
+        client's pings, closing it if it stopped answering; so does this. ``now``
+        is ``time.time()``, read once for a whole broadcast.
         """
         eio_socket = self.eio_socket
         if eio_socket.closed or eio_socket.closing:
             return QUEUE
-        try:
-            if not eio_socket.check_ping_timeout():
-                return DROPPED  # as Socket.send drops it: the client is gone, and now being closed
-        except engineio_exceptions.SocketIsClosedError:
-            return QUEUE  # closed by another thread just now: the ordinary path says so in the log
+        last_ping = eio_socket.last_ping
+        if last_ping and now - last_ping > eio_socket.server.ping_timeout:
+            try:
+                # Engine.IO's own check, which logs and closes the socket.
+                if not eio_socket.check_ping_timeout():
+                    return DROPPED  # as Socket.send drops it: the client is gone, and now being closed
+            except engineio_exceptions.SocketIsClosedError:
+                return QUEUE  # closed by another thread just now: the ordinary path says so in the log
         if self.queue.unsent or not self.lock.acquire(blocking=False):
             return QUEUE
         try:
@@ -265,6 +295,31 @@ class Connection:
             return SENT
         finally:
             self.lock.release()
+
+    def receive(self):
+        """Return the connection's next message, or None once it has ended: simple-websocket's reader
+        (``Base._thread`` and ``Base.receive``), run by the thread or greenlet that asks.
+
+        Engine.IO's handler is the only one to ask (engineio/socket.py
+        ``_websocket_handler``: its loop calls ``ws.wait()``), so no other
+        thread needs to read: the reader simple-websocket would start is not.
+        WebSocket pings are answered and closes replied to here, by its
+        ``_handle_events``, through the LockedSocket.
+        """
+        websocket = self.websocket
+        while websocket.connected and not websocket.input_buffer:
+            try:
+                data = websocket.sock.recv(websocket.receive_bytes)
+                if not data:
+                    raise OSError("the client closed the connection")
+                websocket.ws.receive_data(data)
+                websocket.connected = websocket._handle_events()
+            except (OSError, LocalProtocolError):
+                websocket.connected = False
+        if websocket.input_buffer:
+            return websocket.input_buffer.pop(0)
+        websocket.sock.close()  # as the reader does when it ends
+        return None
 
     def write(self, sock, data, *flags):
         """Write for simple-websocket, after the end of an unfinished frame, under the lock; all of it.
@@ -334,6 +389,75 @@ DROPPED = "dropped"  # nothing: the client stopped answering pings, as Engine.IO
 QUEUE = "queue"  # nothing: the caller is to put it on the client's queue
 
 
+class NoReader:
+    """What simple-websocket takes for its reader thread on the fast path: nothing runs."""
+
+    name = "simple_websocket reader (the handler reads)"
+
+    def start(self):
+        pass
+
+
+class Pinger:
+    """Engine.IO's pings, for every client of one server, from one thread or greenlet.
+
+    Engine.IO pings each client ``ping_interval`` seconds after its last pong,
+    from a task started for that (engineio/socket.py ``schedule_ping`` and
+    ``_send_ping``): one sleeping thread or greenlet per client. Here each
+    client's next ping is an entry in one queue, and one task sends them. They
+    all wait the same interval, so the queue is in order of time. The task ends
+    when the queue is empty, and starts again with the next entry.
+    """
+
+    def __init__(self, eio):
+        self.eio = eio
+        self.due = collections.deque()  # (time.monotonic() of the ping, Engine.IO sid), earliest first
+        self.lock = threading.Lock()
+        self.running = False
+
+    def schedule(self, sid):
+        """``Socket.schedule_ping`` of the client ``sid``: ping it ``ping_interval`` from now."""
+        eio_socket = self.eio.sockets.get(sid)
+        # Only one ping is awaited at a time; last_ping None means one is scheduled.
+        if eio_socket is None or not eio_socket.last_ping:
+            return
+        eio_socket.last_ping = None
+        with self.lock:
+            self.due.append((time.monotonic() + self.eio.ping_interval, sid))
+            if not self.running:
+                self.running = True
+                self.eio.start_background_task(self.run)
+
+    def run(self):
+        while True:
+            with self.lock:
+                if not self.due:
+                    self.running = False
+                    return
+                when, sid = self.due[0]
+                wait = when - time.monotonic()
+                if wait <= 0:
+                    self.due.popleft()
+            if wait > 0:
+                # Entries added meanwhile are due later than this one.
+                self.eio.sleep(wait)
+            else:
+                self.ping(sid)
+
+    def ping(self, sid):
+        """``Socket._send_ping``, after its sleep."""
+        eio_socket = self.eio.sockets.get(sid)
+        if eio_socket is None or eio_socket.closing or eio_socket.closed:
+            return
+        eio_socket.last_ping = time.time()
+        # Through the client's queue, never written directly: Engine.IO's writer
+        # closes a WebSocket when nothing comes through its queue for
+        # ping_interval + ping_timeout (engineio/socket.py: poll's timeout,
+        # then QueueEmpty ends the writer), and with the broadcasts written
+        # directly the pings are what keep coming through.
+        eio_socket.send(engineio_packet.Packet(engineio_packet.PING))
+
+
 def counting_queue_class(base):
     """Return Engine.IO's queue class, counting the packets put in it that the writer has not sent yet.
 
@@ -385,6 +509,8 @@ def fanout_websocket_class(base, fanout):
                 except Exception as error:
                     # Not expected with the tested versions; the connection then simply takes the ordinary path.
                     fanout.report_once(f"a connection takes the ordinary path: {error!r}")
+                if self.connection is not None:
+                    return NoReader()  # the handler reads: Connection.receive
                 return reader_class(target=target)
 
             self.server_args = {**self.server_args, "thread_class": start_reader}
@@ -395,6 +521,12 @@ def fanout_websocket_class(base, fanout):
             finally:
                 if self.connection is not None:
                     fanout.remove(self.eio_socket.sid, self.connection)
+
+        def wait(self):
+            """The next message for Engine.IO's handler, or None once the connection has ended."""
+            if self.connection is None:
+                return super().wait()
+            return self.connection.receive()
 
         def send(self, message):
             """Send what the writer took off the queue (and only that: see counting_queue_class)."""
