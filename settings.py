@@ -105,7 +105,7 @@ SETTINGS = {
     "HEARTBEAT": (15.0, number(above=0), "extras.streaming: seconds of silence before /stream sends a comment"),
     "PLAIN_PAGE_SECONDS": (300.0, number(above=0), "extras.streaming: how long /plain streams"),
     "PUBLISH_TOKEN": ("", text, "extras.publish: the bearer token of POST /publish; empty: no /publish"),
-    "FAST_FANOUT": (0, switch, "extras.fast_fanout: 1 writes each broadcast straight to every WebSocket"),
+    "FAST_FANOUT": (1, switch, "extras.fast_fanout: 0 sends each broadcast through every client's queue instead"),
     "MESSAGE_QUEUE": ("", redis_url, "extras.cluster: Redis, to share one stream between processes"),
     "NOTIFICATION_TTL": (
         86400.0,

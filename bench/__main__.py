@@ -184,7 +184,7 @@ def main():
     )
     parser.add_argument(
         "--server", action="append", type=parse_server, default=[], metavar="NAME=COMMAND",
-        help="another server to measure, e.g. 'gevent-fast=ASYNC_MODE=gevent FAST_FANOUT=1 "
+        help="another server to measure, e.g. 'gevent-ordinary=ASYNC_MODE=gevent FAST_FANOUT=0 "
              "python application.py --port {port}' (repeatable)",
     )
     parser.add_argument(

@@ -20,7 +20,7 @@ from application import create_app, socketio
 from extras import fast_fanout
 from live import live_server  # noqa: F401  (a fixture)
 from protocol import NAMESPACE
-from support import Listener, open_websocket, wait_until
+from support import Listener, join_namespace, open_websocket, process_resources, wait_until
 
 MODES = ["threading", "gevent"]
 EVENT_PREFIX = f"42{NAMESPACE},"
@@ -69,8 +69,16 @@ def test_other_library_versions_turn_it_off_with_one_log_line(monkeypatch, caplo
         app.extensions["feed"].stop()
 
 
-def test_off_unless_set():
-    app = fresh_app(FAST_FANOUT=0)  # the default
+def test_on_by_default():
+    app = fresh_app()
+    try:
+        assert socketio.server in fast_fanout._fanouts
+    finally:
+        app.extensions["feed"].stop()
+
+
+def test_off_with_0():
+    app = fresh_app(FAST_FANOUT=0)
     try:
         assert socketio.server not in fast_fanout._fanouts
     finally:
@@ -304,3 +312,63 @@ def test_reconnecting_clients_resume_without_gaps_or_repeats(live_server, mode):
     wait_until(lambda: server.health()["clients"] == 0, message="every client to be gone")
     direct, _, _ = stopped_totals(server)
     assert direct > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pings_keep_a_client_connected_when_nothing_else_goes_through_its_queue(live_server, mode):
+    # Hardly any broadcasts, and quick pings. Engine.IO's writer closes a WebSocket
+    # when nothing has come through its queue for ping_interval + ping_timeout
+    # (3.5 s here); with the broadcasts written directly, the pings must.
+    server = live_server(ASYNC_MODE=mode, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=3)
+    connection = open_websocket(server.url)
+    try:
+        assert join_namespace(connection).startswith(f"40{NAMESPACE},")
+        pings = 0
+        watch_until = time.monotonic() + 8  # more than twice the writer's limit
+        while time.monotonic() < watch_until:
+            if connection.recv() == "2":  # raises if the server closed the connection
+                pings += 1
+                connection.send("3")
+        assert pings >= 4, pings
+        assert server.health()["clients"] == 1
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("fast, threads_per_client", [(1, 2), (0, 4)], ids=["fast", "ordinary"])
+def test_a_websocket_client_costs_two_threads_with_the_fast_path_and_four_without(
+    live_server, fast, threads_per_client
+):
+    # In threading mode each is an OS thread, counted in /proc: the handler and
+    # Engine.IO's writer; without the fast path also simple-websocket's reader
+    # and the task that sleeps until the client's next ping.
+    server = live_server(FAST_FANOUT=fast, INTERVAL=3600, PING_INTERVAL=600)  # no ping while it runs
+    watcher = open_websocket(server.url)  # starts the producer and, with the fast path, the Pinger
+    connections = [watcher]
+    try:
+        assert join_namespace(watcher).startswith(f"40{NAMESPACE},")
+        baseline = wait_for_steady_threads(server.process.pid)
+        for _ in range(20):
+            connections.append(open_websocket(server.url))
+            assert join_namespace(connections[-1]).startswith(f"40{NAMESPACE},")
+        expected = baseline + 20 * threads_per_client
+        wait_until(
+            lambda: process_resources(server.process.pid).threads == expected,
+            message=lambda: f"{expected} threads; {process_resources(server.process.pid).threads} now",
+        )
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def wait_for_steady_threads(pid):
+    """The process's thread count, once it is the same twice, a second apart (threads that
+    handle a connect end soon after it)."""
+    counts = [process_resources(pid).threads]
+
+    def steady():
+        counts.append(process_resources(pid).threads)
+        return counts[-1] == counts[-2]
+
+    wait_until(steady, interval=1.0, message="a steady thread count")
+    return counts[-1]
