@@ -309,7 +309,7 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clien
     # The clients answer pings until they vanish, so that all 1000 are connected at once
     # however long connecting them takes. Broadcasts twice a second: the one thread that
     # answers the pings reads every broadcast to every client too. A short ping interval,
-    # which a vanished client's ping task sleeps out before the server is rid of it, and
+    # which a vanished client's next ping waits out before the server is rid of it, and
     # a ping timeout long enough for a busy server to read the pongs of 1000 clients.
     ping_interval, ping_timeout = 5, 10
     server = live_server(INTERVAL=0.5, PING_INTERVAL=ping_interval, PING_TIMEOUT=ping_timeout)
@@ -342,8 +342,8 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clien
         seen.clear()
         dropped_at = time.monotonic()
         raw_clients.vanish()
-        # A ping cycle at most (each client's ping task sleeps out its interval), and a
-        # very busy machine's margin: some 3000 threads end at once, and while they do the
+        # A ping cycle at most (each client's next ping waits out its interval), and a
+        # very busy machine's margin: thousands of threads end at once, and while they do the
         # server has been seen not to answer /healthz for 45 s (load average 350 on 2 cores).
         wait_until(
             settled,
