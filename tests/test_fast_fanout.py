@@ -69,7 +69,8 @@ def test_other_library_versions_turn_it_off_with_one_log_line(monkeypatch, caplo
         app.extensions["feed"].stop()
 
 
-def test_on_by_default():
+def test_on_by_default(monkeypatch):
+    monkeypatch.delenv("FAST_FANOUT", raising=False)  # as when the suite runs with FAST_FANOUT=0
     app = fresh_app()
     try:
         assert socketio.server in fast_fanout._fanouts
@@ -319,7 +320,7 @@ def test_pings_keep_a_client_connected_when_nothing_else_goes_through_its_queue(
     # Hardly any broadcasts, and quick pings. Engine.IO's writer closes a WebSocket
     # when nothing has come through its queue for ping_interval + ping_timeout
     # (3.5 s here); with the broadcasts written directly, the pings must.
-    server = live_server(ASYNC_MODE=mode, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=3)
+    server = live_server(ASYNC_MODE=mode, FAST_FANOUT=1, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=3)
     connection = open_websocket(server.url)
     try:
         assert join_namespace(connection).startswith(f"40{NAMESPACE},")
