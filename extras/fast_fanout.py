@@ -12,12 +12,13 @@ overtakes what is already queued.
 
 No two writes to one socket may overlap, or their bytes could interleave on the
 wire: the Engine.IO writer sends messages, pings and the close packet, and
-simple-websocket's reader thread sends WebSocket pongs and close replies, each
-with a plain ``sock.send`` and no lock of the library's own
-(simple_websocket/ws.py: ``Base.send``, ``Base.close``, ``Base._handle_events``).
-So each connection's socket is wrapped, before its reader thread starts, in a
-``LockedSocket`` that serializes every write under one lock; the fan-out loop
-takes that lock without waiting, or uses the queue.
+whoever reads the connection (here its handler, see below) sends WebSocket
+pongs and close replies, each with a plain ``sock.send`` and no lock of the
+library's own (simple_websocket/ws.py: ``Base.send``, ``Base.close``,
+``Base._handle_events``). So each connection's socket is wrapped, right after
+the handshake and before anything else writes, in a ``LockedSocket`` that
+serializes every write under one lock; the fan-out loop takes that lock
+without waiting, or uses the queue.
 
 Fewer threads or greenlets per connection, too. Engine.IO keeps one task per
 client asleep until its next ping (engineio/socket.py: ``schedule_ping``
