@@ -1,6 +1,7 @@
-"""What a server open to anyone needs: security headers, a log no client can flood, and no
-per-connection compression state for WebSockets."""
+"""What a server open to anyone needs: security headers, a log no client can flood, no
+per-connection compression state for WebSockets, and no connection left open after its WebSocket."""
 import logging
+import socket
 
 # Sent with every response: only this site's own files may run or load in the
 # page, its forms may post only to this site (the sign-in of extras.notifications),
@@ -14,12 +15,16 @@ SECURITY_HEADERS = {
 
 
 def init_app(app):
-    """Add the security headers to every response, quieten Engine.IO's log, and decline WebSocket compression."""
+    """Add the security headers to every response, quieten Engine.IO's log, decline WebSocket compression,
+    and close each WebSocket's connection when it ends."""
     app.after_request(add_security_headers)
-    engineio_logger = app.extensions["socketio"].server.eio.logger
-    if not any(isinstance(existing, OncePerKind) for existing in engineio_logger.filters):
-        engineio_logger.addFilter(OncePerKind())
+    eio = app.extensions["socketio"].server.eio
+    if not any(isinstance(existing, OncePerKind) for existing in eio.logger.filters):
+        eio.logger.addFilter(OncePerKind())
     app.wsgi_app = without_websocket_compression(app.wsgi_app)
+    # Engine.IO makes each WebSocket with the class in eio._async (engineio/socket.py
+    # _upgrade_websocket). A copy for this server alone: other servers keep theirs.
+    eio._async = {**eio._async, "websocket": closing_websocket_class(eio._async["websocket"])}
 
 
 def add_security_headers(response):
@@ -70,3 +75,48 @@ def without_websocket_compression(wsgi_app):
         return wsgi_app(environ, start_response)
 
     return refuse_compression
+
+
+def closing_websocket_class(base):
+    """Return Engine.IO's WebSocket class, closing the client's connection when the WebSocket ends.
+
+    When a WebSocket ends, simple-websocket hands its connection back to the
+    server, and Werkzeug's development server and gevent's server keep it open
+    as an idle HTTP/1.1 connection, waiting for another request on it: the
+    closing handshake is over, but the connection and the thread or greenlet
+    reading it stay until the client closes it. python-socketio's client waits
+    3 s for that before it closes it itself; a bad client never does. gevent's
+    server also reads whatever the client sent after its WebSocket as a request,
+    and logs it. gunicorn closes the connection itself.
+    """
+
+    class ClosingWebSocket(base):
+        def __call__(self, environ, start_response):
+            try:
+                return super().__call__(environ, start_response)
+            finally:
+                websocket = getattr(self, "ws", None)  # simple_websocket.Server, once the handshake began
+                if websocket is not None:
+                    end_connection(websocket)
+
+    return ClosingWebSocket
+
+
+def end_connection(websocket):
+    """Make the server close the connection of ``websocket`` (a simple_websocket.Server) now."""
+    if websocket.mode == "gevent":
+        # gevent's server closes a connection whose request file is closed instead of reading
+        # another request from it (gevent/pywsgi.py WSGIHandler.handle_one_request). The
+        # file is wsgi.input's, or wsgi.input itself, as simple-websocket also finds it.
+        body = websocket.environ["wsgi.input"]
+        getattr(body, "rfile", body).close()
+    elif websocket.mode == "werkzeug":
+        # Werkzeug's server closes a connection that ends where the next request would start.
+        # Whatever the client sent after its close frame is read out first: the server would
+        # take it for a request (shutdown leaves what was received readable).
+        try:
+            websocket.sock.shutdown(socket.SHUT_RDWR)
+            while websocket.sock.recv(65536):
+                pass
+        except OSError:
+            pass  # the client closed it first

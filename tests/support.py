@@ -98,7 +98,7 @@ class Listener:
 
 
 def disconnect_all(listeners):
-    """Disconnect many clients at once (a client may wait up to 3 s for the server's close frame)."""
+    """Disconnect many clients at once."""
     threads = [threading.Thread(target=listener.disconnect) for listener in listeners]
     for thread in threads:
         thread.start()

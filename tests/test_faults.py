@@ -21,7 +21,7 @@ import requests
 import websocket
 
 from extras.hardening import SECURITY_HEADERS
-from live import live_server, module_live_server  # noqa: F401  (fixtures)
+from live import SERVERS, live_server, module_live_server, start_server  # noqa: F401  (fixtures)
 from protocol import NAMESPACE
 from support import (  # noqa: F401  (listen_fixture, scheduling_delay_fixture: the fixtures)
     DEADLINE,
@@ -283,6 +283,30 @@ def test_every_response_has_the_security_headers(client, path):
             assert response.headers[name] == value
         assert "default-src 'self'" in response.headers["Content-Security-Policy"]
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_the_server_closes_the_connection_when_its_websocket_ends(live_server, raw_clients, kind):
+    # After the closing handshake the server closes the TCP connection (RFC 6455, 7.1.1), so that
+    # neither it nor the client waits on it; and nothing the client sends after its close frame is
+    # read as an HTTP request (the development server and gevent's would serve or log it).
+    server = start_server(live_server, kind)
+    connection = raw_clients.open(server.url)
+    assert join_namespace(connection).startswith(f"40{NAMESPACE},")
+    log_before = server.log()
+    connection.send_close()  # the close frame, without waiting for the reply
+    connection.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    received = b""
+    try:
+        while chunk := connection.sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass  # closed with the request unread (gunicorn): closed all the same
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open {connection.sock.gettimeout()} s after the close")
+    assert b"HTTP/1.1" not in received
+    wait_until(lambda: server.health()["status"] == "ok")
+    assert server.log()[len(log_before):].strip() == ""
 
 
 # Clients that vanish or stop reading.
