@@ -91,32 +91,40 @@ def closing_websocket_class(base):
     """
 
     class ClosingWebSocket(base):
-        def __call__(self, environ, start_response):
+        def __init__(self, handler, server, **kwargs):
+            super().__init__(handler, server, **kwargs)
+            # engineio/async_drivers/_websocket_wsgi.py: __call__ runs self.app(self) once the handshake is done.
+            self.handler = handler
+            self.app = self.handle
+
+        def handle(self, websocket):
+            """Run Engine.IO's handler for the WebSocket, and see that the server closes the connection."""
+            mode = self.ws.mode  # simple-websocket's name for the server
+            if mode == "gevent":
+                # gevent's server closes a connection whose request file is closed instead of
+                # reading another request from it (gevent/pywsgi.py
+                # WSGIHandler.handle_one_request). Nothing reads that file once the WebSocket
+                # has begun, and closing it now frees its 8 KB buffer for the connection's
+                # life. It is wsgi.input's, or wsgi.input itself, as simple-websocket finds it.
+                body = self.ws.environ["wsgi.input"]
+                getattr(body, "rfile", body).close()
             try:
-                return super().__call__(environ, start_response)
+                return self.handler(websocket)
             finally:
-                websocket = getattr(self, "ws", None)  # simple_websocket.Server, once the handshake began
-                if websocket is not None:
-                    end_connection(websocket)
+                if mode == "werkzeug":
+                    end_werkzeug_connection(self.ws.sock)
 
     return ClosingWebSocket
 
 
-def end_connection(websocket):
-    """Make the server close the connection of ``websocket`` (a simple_websocket.Server) now."""
-    if websocket.mode == "gevent":
-        # gevent's server closes a connection whose request file is closed instead of reading
-        # another request from it (gevent/pywsgi.py WSGIHandler.handle_one_request). The
-        # file is wsgi.input's, or wsgi.input itself, as simple-websocket also finds it.
-        body = websocket.environ["wsgi.input"]
-        getattr(body, "rfile", body).close()
-    elif websocket.mode == "werkzeug":
-        # Werkzeug's server closes a connection that ends where the next request would start.
-        # Whatever the client sent after its close frame is read out first: the server would
-        # take it for a request (shutdown leaves what was received readable).
-        try:
-            websocket.sock.shutdown(socket.SHUT_RDWR)
-            while websocket.sock.recv(65536):
-                pass
-        except OSError:
-            pass  # the client closed it first
+def end_werkzeug_connection(sock):
+    """Shut down a WebSocket's socket for Werkzeug's server, which then closes a connection that ends
+    where the next request would start."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        # What the client sent after its close frame is read out first: the server would take it
+        # for a request (shutdown leaves what was received readable).
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass  # the client closed it first
