@@ -19,6 +19,9 @@ import os
 
 # gevent must patch the standard library before anything else imports it.
 if os.environ.get("ASYNC_MODE") == "gevent":
+    # Unless told otherwise, greenlets do not keep the stack that spawned them (a debugging aid):
+    # about 3 KB less per connection.
+    os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
     from gevent import get_hub, monkey
 
     monkey.patch_all()
