@@ -289,7 +289,7 @@ def test_every_response_has_the_security_headers(client, path):
 def test_the_server_closes_the_connection_when_its_websocket_ends(live_server, raw_clients, kind):
     # After the closing handshake the server closes the TCP connection (RFC 6455, 7.1.1), so that
     # neither it nor the client waits on it; and nothing the client sends after its close frame is
-    # read as an HTTP request (the development server and gevent's would serve or log it).
+    # read as an HTTP request (without extras/hardening.py the development server and gevent's do).
     server = start_server(live_server, kind)
     connection = raw_clients.open(server.url)
     assert join_namespace(connection).startswith(f"40{NAMESPACE},")
