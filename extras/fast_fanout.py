@@ -23,11 +23,15 @@ without waiting, or uses the queue.
 Fewer threads or greenlets per connection, too. Engine.IO keeps one task per
 client asleep until its next ping (engineio/socket.py: ``schedule_ping``
 starts ``_send_ping``, which sleeps ``ping_interval``); here one ``Pinger``
-sends every client's pings. And simple-websocket reads each connection in a
-thread of its own, which hands each message to the connection's handler
+sends every client's pings. Engine.IO keeps a writer per client asleep on
+the client's queue (``_websocket_handler``: ``writer``); here a packet put on
+the queue of a client with nothing waiting is written at once by whoever puts
+it, and a writer runs only while packets wait (``WriterlessQueue``,
+``Connection.drain``). And simple-websocket reads each connection in a thread
+of its own, which hands each message to the connection's handler
 (``Base._thread``, ``Base.receive``); here the handler reads the socket
-itself. Of the four threads or greenlets a WebSocket connection had, two remain: the
-handler and Engine.IO's writer.
+itself. Of the four threads or greenlets a WebSocket connection had, one
+remains: its handler.
 
 On unless the app's ``FAST_FANOUT`` setting is 0 (``FAST_FANOUT=0 python application.py``).
 Used only with the library versions it was written and tested against
@@ -52,6 +56,7 @@ from engineio.async_drivers._websocket_wsgi import SimpleWebSocketWSGI
 from socketio import packet as socketio_packet
 from socketio.manager import Manager
 from socketio.pubsub_manager import PubSubManager
+from simple_websocket import ConnectionClosed
 from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
@@ -157,7 +162,7 @@ class Fanout:
         # eio._async (engineio/base_server.py create_queue; engineio/socket.py
         # _upgrade_websocket). A copy for this server alone: other servers keep theirs.
         classes = dict(eio._async)
-        classes["queue"] = counting_queue_class(classes["queue"])
+        classes["queue"] = writerless_queue_class(classes["queue"], eio.get_queue_empty_exception())
         classes["websocket"] = fanout_websocket_class(classes["websocket"], self)
         eio._async = classes
         self.pinger = Pinger(eio)
@@ -242,15 +247,63 @@ class Fanout:
 
 
 class Connection:
-    """One client's WebSocket on the fast path: its socket, its lock, and its Engine.IO state."""
+    """One client's WebSocket on the fast path: its socket, its lock, its Engine.IO state, and the handler
+    and writer that take the place of Engine.IO's."""
 
     def __init__(self, eio_socket, websocket, raw):
         self.eio_socket = eio_socket
-        self.queue = eio_socket.queue  # a counting queue (counting_queue_class)
+        self.queue = eio_socket.queue  # a WriterlessQueue (writerless_queue_class)
         self.websocket = websocket  # simple_websocket.Server
         self.raw = raw
         self.lock = threading.Lock()  # held for every write to the socket, by anyone
         self.remainder = b""  # the end of a frame a non-blocking send did not finish
+        self.ended = False  # whether the writer closed the WebSocket: what is still queued is dropped
+        self.finished = False  # whether the handler has returned
+
+    def serve(self):
+        """Engine.IO's handler for a new WebSocket connection, without its writer.
+
+        What ``_websocket_handler`` (engineio/socket.py) does when the
+        connection is not an upgrade from long-polling (upgrades take the
+        ordinary path), but that it starts no writer: from here on the queue
+        writes the client's packets (``WriterlessQueue.write_through``).
+        """
+        eio_socket = self.eio_socket
+        server = eio_socket.server
+        eio_socket.connected = True
+        eio_socket.upgraded = True
+        self.queue.write_through(self)
+        server.logger.info("%s: Upgrade to websocket successful", eio_socket.sid)
+        try:
+            while True:
+                try:
+                    message = self.receive()
+                    if message and len(message) > server.max_http_buffer_size:
+                        raise ValueError("packet is too large")
+                except Exception as error:
+                    if not eio_socket.closed:
+                        server.logger.info('%s: Unexpected error "%s", closing connection', eio_socket.sid, error)
+                    break
+                if message is None:
+                    break  # closed by the client
+                pkt = engineio_packet.Packet(encoded_packet=message)
+                try:
+                    eio_socket.receive(pkt)
+                except engineio_exceptions.UnknownPacketError:
+                    pass
+                except engineio_exceptions.SocketIsClosedError:
+                    server.logger.info("Receive error -- socket is closed")
+                    break
+                except Exception:
+                    server.logger.exception("Unknown receive error")
+                    break
+        finally:
+            # Unlike Engine.IO's handler, also when a packet could not be decoded: the
+            # client is let go of now, not when its pings time out.
+            self.queue.put(None)  # the writer closes the WebSocket
+            eio_socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+            self.finished = True
+        return []
 
     def try_send(self, frame, now):
         """Write ``frame`` now without waiting and return SENT (PARTIAL if the writer is to finish
@@ -271,10 +324,21 @@ class Connection:
                     return DROPPED  # as Socket.send drops it: the client is gone, and now being closed
             except engineio_exceptions.SocketIsClosedError:
                 return QUEUE  # closed by another thread just now: the ordinary path says so in the log
+        return self.write_now(frame)
+
+    def write_packet_now(self, pkt):
+        """Write an Engine.IO packet as ``write_now`` does; return whether it was written."""
+        encoded = pkt.encode()
+        # Binary packets, and FinishFrame, are for the writer.
+        return isinstance(encoded, str) and self.write_now(text_frame(encoded)) is not QUEUE
+
+    def write_now(self, frame):
+        """Write ``frame`` if nothing waits to be written before it and the socket takes it without
+        waiting; return SENT, PARTIAL (the writer is to finish it), or QUEUE (nothing was written)."""
         if self.queue.unsent or not self.lock.acquire(blocking=False):
             return QUEUE
         try:
-            # Checked again under the lock: the writer sends (and counts) under it too.
+            # Checked again under the lock: the writer writes under it too.
             if (
                 self.queue.unsent
                 or self.remainder
@@ -285,18 +349,66 @@ class Connection:
             try:
                 sent = self.raw.send(frame, socket.MSG_DONTWAIT)
             except OSError:
-                # Full (EAGAIN), or broken: the queue's writer will wait, or find out and close.
+                # Full (EAGAIN), or broken: the writer will wait, or find out and close.
                 return QUEUE
             if sent < len(frame):
                 # Part of the frame is on the wire: its end must follow before any
-                # other write. LockedSocket writes it first; the writer, woken by
-                # this packet, writes it now.
+                # other write. LockedSocket writes it first; the writer, started
+                # for this packet, writes it now.
                 self.remainder = frame[sent:]
                 self.queue.put(FinishFrame())
                 return PARTIAL
             return SENT
         finally:
             self.lock.release()
+
+    def start_writer(self):
+        self.eio_socket.server.start_background_task(self.drain)
+
+    def drain(self):
+        """Engine.IO's writer (``_websocket_handler``: ``writer``) for as long as packets wait: write them
+        in order, then end. Told to stop (None), or failing to write, it closes the WebSocket."""
+        queue = self.queue
+        while (pkt := queue.take()) is not NOTHING:
+            try:
+                if self.ended:
+                    pass  # dropped, as they stay unsent in the queue of Engine.IO's ended writer
+                elif pkt is None:
+                    self.end()
+                elif isinstance(pkt, FinishFrame):
+                    self.websocket.sock.finish_frame()
+                else:
+                    self.websocket.send(pkt.encode())
+            except Exception:
+                self.end()
+            finally:
+                queue.done(pkt)
+
+    def end(self):
+        """Close the WebSocket, as Engine.IO's writer does when it ends; and the connection, if the client
+        does not answer within ``ping_timeout``."""
+        self.ended = True
+        try:
+            if not self.websocket.connected:
+                return  # closed by the client
+            self.websocket.close()
+        except (OSError, ConnectionClosed):
+            return  # closed by the client meanwhile
+        # The handler reads on until the client answers the close frame, as
+        # simple-websocket's reader does: a client that answers nothing, such
+        # as one that stopped answering pings, would hold the handler and the
+        # connection for as long as its TCP lasts.
+        server = self.eio_socket.server
+        server.start_background_task(self.end_unanswered, server.ping_timeout)
+
+    def end_unanswered(self, timeout):
+        """After ``timeout`` seconds, end the connection if its handler still reads (its recv then ends)."""
+        self.eio_socket.server.sleep(timeout)
+        if not self.finished:
+            try:
+                self.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed just now
 
     def receive(self):
         """Return the connection's next message, or None once it has ended: simple-websocket's reader
@@ -338,7 +450,7 @@ class Connection:
             return len(data)
 
     def finish_frame(self, sock):
-        """Write the end of an unfinished frame, if any (for the writer, woken by FinishFrame)."""
+        """Write the end of an unfinished frame, if any (for the writer, started for FinishFrame)."""
         with self.lock:
             self._finish_frame(sock)
 
@@ -383,12 +495,13 @@ class FinishFrame(engineio_packet.Packet):
         return FINISH_FRAME
 
 
-FINISH_FRAME = object()  # what FinishFrame encodes to; FanoutWebSocket.send knows it
+FINISH_FRAME = object()  # what FinishFrame encodes to: no message, so never written as one
 # What Connection.try_send did with a frame.
 SENT = "sent"
 PARTIAL = "partial"  # wrote its beginning; the client's writer is to write the rest
 DROPPED = "dropped"  # nothing: the client stopped answering pings, as Engine.IO's own send drops it
 QUEUE = "queue"  # nothing: the caller is to put it on the client's queue
+NOTHING = object()  # what WriterlessQueue.take returns when no packet waits
 
 
 class NoReader:
@@ -458,39 +571,81 @@ class Pinger:
         if eio_socket is None or eio_socket.closing or eio_socket.closed:
             return
         eio_socket.last_ping = time.time()
-        # Through the client's queue, never written directly: Engine.IO's writer
-        # closes a WebSocket when nothing comes through its queue for
-        # ping_interval + ping_timeout (engineio/socket.py: poll's timeout,
-        # then QueueEmpty ends the writer), and with the broadcasts written
-        # directly the pings are what keep coming through.
+        # Engine.IO's service task lets go of a client that does not answer
+        # within ping_timeout (engineio/server.py _service_task: each client's
+        # check_ping_timeout, once every ping_timeout).
         eio_socket.send(engineio_packet.Packet(engineio_packet.PING))
 
 
-def counting_queue_class(base):
-    """Return Engine.IO's queue class, counting the packets put in it that the writer has not sent yet.
+def writerless_queue_class(base, empty):
+    """Return Engine.IO's queue class for one client's packets, with no writer waiting on it on the fast path.
 
-    The writer takes every waiting packet off the queue at once, then sends
-    them one by one (engineio/socket.py: ``poll``, and ``writer`` in
-    ``_websocket_handler``): an empty queue does not mean nothing is waiting.
+    Engine.IO puts every packet for a client on its queue (engineio/socket.py
+    ``Socket.send``, and ``close``'s None, which tells the writer to stop),
+    and a writer takes them off it and sends them. Once the client's
+    WebSocket is on the fast path (``write_through``), a packet put on the
+    queue when nothing waits is written at once, as the fan-out loop writes a
+    broadcast (``Connection.write_packet_now``); one that must wait starts a
+    writer if none is running (``Connection.drain``), which ends when the
+    queue is empty. Until then, and for clients the fast path does not
+    serve, the queue is Engine.IO's own.
     """
 
-    class CountingQueue(base):
+    class WriterlessQueue(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.connection = None  # the client's Connection, once the queue writes through it
+            # Packets put and not yet written: the queue may be empty while its
+            # writer writes the last one it took. None is not counted.
             self.unsent = 0
-            self.unsent_lock = threading.Lock()
+            self.writing = False  # whether a writer is running
+            self.state_lock = threading.Lock()  # for the three above
 
         def put(self, item, *args, **kwargs):
-            if item is not None:  # None only tells the writer to stop
-                with self.unsent_lock:
+            connection = self.connection
+            if connection is not None and item is not None and connection.write_packet_now(item):
+                return
+            with self.state_lock:
+                if item is not None:
                     self.unsent += 1
-            return super().put(item, *args, **kwargs)
+                super().put(item, *args, **kwargs)
+                start = self._start_writer()
+            if start:
+                self.connection.start_writer()
 
-        def sent_one(self):
-            with self.unsent_lock:
-                self.unsent -= 1
+        def write_through(self, connection):
+            """From now on write the packets put here through ``connection``; those waiting first."""
+            with self.state_lock:
+                self.connection = connection
+                start = self._start_writer()
+            if start:
+                connection.start_writer()
 
-    return CountingQueue
+        def _start_writer(self):
+            """Whether a writer is to be started now (under the state lock)."""
+            if self.connection is None or self.writing or self.empty():
+                return False
+            self.writing = True
+            return True
+
+        def take(self):
+            """The writer's next packet, or NOTHING: then the writer ends (it is off the queue at once, under
+            the state lock, so that a packet put just after starts another)."""
+            with self.state_lock:
+                try:
+                    return self.get_nowait()
+                except empty:
+                    self.writing = False
+                    return NOTHING
+
+        def done(self, item):
+            """The writer is done with ``item``, written or dropped."""
+            if item is not None:
+                with self.state_lock:
+                    self.unsent -= 1
+            self.task_done()  # for Socket.close(wait=True), which joins the queue
+
+    return WriterlessQueue
 
 
 def fanout_websocket_class(base, fanout):
@@ -498,13 +653,14 @@ def fanout_websocket_class(base, fanout):
 
     class FanoutWebSocket(base):
         def __init__(self, handler, server, **kwargs):
-            super().__init__(handler, server, **kwargs)
             # engineio/socket.py: the handler is the Engine.IO socket's _websocket_handler.
             self.eio_socket = handler.__self__
+            self.engineio_handler = handler
+            super().__init__(self.serve, server, **kwargs)
             self.connection = None
             if self.eio_socket.connected:
                 # An upgrade from long-polling: its probe is sent outside the
-                # writer, which the counting does not expect. Ordinary path.
+                # writer, which the queue does not expect. Ordinary path.
                 return
             reader_class = self.server_args.get("thread_class", threading.Thread)  # simple-websocket's default
 
@@ -523,29 +679,14 @@ def fanout_websocket_class(base, fanout):
 
             self.server_args = {**self.server_args, "thread_class": start_reader}
 
-        def __call__(self, environ, start_response):
-            try:
-                return super().__call__(environ, start_response)
-            finally:
-                if self.connection is not None:
-                    fanout.remove(self.eio_socket.sid, self.connection)
-
-        def wait(self):
-            """The next message for Engine.IO's handler, or None once the connection has ended."""
+        def serve(self, websocket):
+            """The connection's handler, once the handshake is done: the fast path's, or Engine.IO's."""
             if self.connection is None:
-                return super().wait()
-            return self.connection.receive()
-
-        def send(self, message):
-            """Send what the writer took off the queue (and only that: see counting_queue_class)."""
-            if self.connection is None:
-                return super().send(message)
+                return self.engineio_handler(websocket)
             try:
-                if message is FINISH_FRAME:
-                    return self.ws.sock.finish_frame()
-                return super().send(message)
+                return self.connection.serve()
             finally:
-                self.eio_socket.queue.sent_one()
+                fanout.remove(self.eio_socket.sid, self.connection)
 
     return FanoutWebSocket
 

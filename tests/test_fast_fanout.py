@@ -316,16 +316,17 @@ def test_reconnecting_clients_resume_without_gaps_or_repeats(live_server, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_pings_keep_a_client_connected_when_nothing_else_goes_through_its_queue(live_server, mode):
-    # Hardly any broadcasts, and quick pings. Engine.IO's writer closes a WebSocket
-    # when nothing has come through its queue for ping_interval + ping_timeout
-    # (3.5 s here); with the broadcasts written directly, the pings must.
+def test_a_client_that_answers_pings_stays_connected_when_nothing_is_broadcast(live_server, mode):
+    # Hardly any broadcasts, and quick pings, each answered: nothing but the pings
+    # goes to the client for many times ping_interval + ping_timeout (3.5 s here),
+    # after which Engine.IO's writer would have given up, and the Pinger lets go
+    # only of a client that does not answer.
     server = live_server(ASYNC_MODE=mode, FAST_FANOUT=1, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=3)
     connection = open_websocket(server.url)
     try:
         assert join_namespace(connection).startswith(f"40{NAMESPACE},")
         pings = 0
-        watch_until = time.monotonic() + 8  # more than twice the writer's limit
+        watch_until = time.monotonic() + 8
         while time.monotonic() < watch_until:
             if connection.recv() == "2":  # raises if the server closed the connection
                 pings += 1
@@ -336,13 +337,42 @@ def test_pings_keep_a_client_connected_when_nothing_else_goes_through_its_queue(
         connection.close()
 
 
-@pytest.mark.parametrize("fast, threads_per_client", [(1, 2), (0, 4)], ids=["fast", "ordinary"])
-def test_a_websocket_client_costs_two_threads_with_the_fast_path_and_four_without(
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_that_stops_answering_pings_is_let_go_when_nothing_is_broadcast(live_server, mode):
+    # No broadcasts, which would find it gone (Engine.IO's Socket.send checks):
+    # Engine.IO's service task finds it gone, and the writer started to tell it so
+    # sends the close frame. Engine.IO's own handler would then wait for the answer
+    # as long as TCP lasts; the fast path's waits ping_timeout.
+    server = live_server(ASYNC_MODE=mode, FAST_FANOUT=1, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=1)
+    connection = open_websocket(server.url)
+    tcp = connection.sock  # the client lets go of it when the server closes the connection
+    try:
+        assert join_namespace(connection).startswith(f"40{NAMESPACE},")
+        assert server.health()["clients"] == 1
+        # It reads nothing and answers nothing.
+        wait_until(lambda: server.health()["clients"] == 0, message="the client to be let go of")
+        # Nor does it answer the server's close frame: the server ends the connection all the same.
+        received = b""
+        try:
+            while chunk := tcp.recv(4096):
+                received += chunk
+        except TimeoutError:
+            pytest.fail(f"the server kept the connection open {tcp.gettimeout()} s after its close frame")
+        ping_frame, close_opcode = b"\x81\x012", 0x88
+        assert received.startswith(ping_frame) and received[len(ping_frame)] == close_opcode, received
+    finally:
+        connection.close()
+        tcp.close()
+
+
+@pytest.mark.parametrize("fast, threads_per_client", [(1, 1), (0, 4)], ids=["fast", "ordinary"])
+def test_a_websocket_client_costs_one_thread_with_the_fast_path_and_four_without(
     live_server, fast, threads_per_client
 ):
-    # In threading mode each is an OS thread, counted in /proc: the handler and
-    # Engine.IO's writer; without the fast path also simple-websocket's reader
-    # and the task that sleeps until the client's next ping.
+    # In threading mode each is an OS thread, counted in /proc: the handler; without
+    # the fast path also Engine.IO's writer, simple-websocket's reader and the task
+    # that sleeps until the client's next ping. (The fast path's writer runs only
+    # while packets wait: here, each client's handshake and history.)
     server = live_server(FAST_FANOUT=fast, INTERVAL=3600, PING_INTERVAL=600)  # no ping while it runs
     watcher = open_websocket(server.url)  # starts the producer and, with the fast path, the Pinger
     connections = [watcher]
