@@ -659,8 +659,8 @@ def fanout_websocket_class(base, fanout):
             super().__init__(self.serve, server, **kwargs)
             self.connection = None
             if self.eio_socket.connected:
-                # An upgrade from long-polling: its probe is sent outside the
-                # writer, which the queue does not expect. Ordinary path.
+                # An upgrade from long-polling, whose probe and upgrade packets
+                # Connection.serve does not read (_websocket_handler). Ordinary path.
                 return
             reader_class = self.server_args.get("thread_class", threading.Thread)  # simple-websocket's default
 
