@@ -54,7 +54,7 @@ EXTRAS = [
     "extras.streaming",  # the same stream as Server-Sent Events (/stream) and as a page without JavaScript (/plain)
     "extras.publish",  # POST /publish and `flask --app application publish`: values from other programs
     "extras.cluster",  # MESSAGE_QUEUE=redis://...: several processes, one stream, one producer
-    "extras.fast_fanout",  # each broadcast framed once and written to every WebSocket; two tasks fewer per client
+    "extras.fast_fanout",  # each broadcast framed once and written to every WebSocket; three tasks fewer per client
     "extras.notifications",  # sign-in, and each user's own notifications on /test and /notifications/stream
 ]
 
