@@ -166,6 +166,9 @@ class Fanout:
         classes["websocket"] = fanout_websocket_class(classes["websocket"], self)
         eio._async = classes
         self.pinger = Pinger(eio)
+        # The Pinger does what Engine.IO's service task would, which it starts
+        # with the first connection (engineio/server.py _handle_connect).
+        eio.start_service_task = False
         # Engine.IO calls each new socket's schedule_ping() just after its
         # connect handler (engineio/server.py _handle_connect): every client's
         # pings, polling or WebSocket, from the first, are the Pinger's.
@@ -514,20 +517,31 @@ class NoReader:
 
 
 class Pinger:
-    """Engine.IO's pings, for every client of one server, from one thread or greenlet.
+    """Engine.IO's pings and ping timeouts, for every client of one server, from one thread or greenlet.
 
     Engine.IO pings each client ``ping_interval`` seconds after its last pong,
     from a task started for that (engineio/socket.py ``schedule_ping`` and
-    ``_send_ping``): one sleeping thread or greenlet per client. Here each
-    client's next ping is an entry in one queue, and one task sends them. They
-    all wait the same interval, so the queue is in order of time. The task ends
-    when the queue is empty, and starts again with the next entry.
+    ``_send_ping``): one sleeping thread or greenlet per client. And its
+    service task checks every client's ping timeout in turn, sleeping between
+    clients, so as to visit each once every ``ping_timeout`` (engineio/server.py
+    ``_service_task``): at 4000 clients, 200 wake-ups a second. Here each
+    client's next ping is an entry in one queue, and the answer each ping
+    awaits an entry in another; one task sends the pings, lets go of the
+    clients that did not answer within ``ping_timeout``, and forgets the
+    closed ones, as the service task does. Every entry of a queue waits as
+    long as the others, so each is in order of time. Entries due within
+    ``TICK`` of each other are handled in one wake-up. The task ends when both
+    queues are empty, and starts again with the next entry.
     """
+
+    TICK = 0.05  # seconds: how late a ping or a timeout may be, so that one wake-up takes several
 
     def __init__(self, eio):
         self.eio = eio
-        self.due = collections.deque()  # (time.monotonic() of the ping, Engine.IO sid), earliest first
-        self.lock = threading.Lock()
+        self.pings = collections.deque()  # (time.monotonic() of the ping, Engine.IO sid), earliest first
+        # (time.time() after which the client is gone, Engine.IO sid, the ping's last_ping), earliest first
+        self.answers = collections.deque()
+        self.lock = threading.Lock()  # for the two queues and running
         self.running = False
 
     def schedule(self, sid):
@@ -537,8 +551,11 @@ class Pinger:
         if eio_socket is None or not eio_socket.last_ping:
             return
         eio_socket.last_ping = None
+        self.add(self.pings, (time.monotonic() + self.eio.ping_interval, sid))
+
+    def add(self, entries, entry):
         with self.lock:
-            self.due.append((time.monotonic() + self.eio.ping_interval, sid))
+            entries.append(entry)
             if not self.running:
                 self.running = True
                 self.eio.start_background_task(self.run)
@@ -546,35 +563,60 @@ class Pinger:
     def run(self):
         while True:
             with self.lock:
-                if not self.due:
+                if not self.pings and not self.answers:
                     self.running = False
                     return
-                when, sid = self.due[0]
-                wait = when - time.monotonic()
-                if wait <= 0:
-                    self.due.popleft()
-            if wait > 0:
-                # Entries added meanwhile are due later than this one.
-                self.eio.sleep(wait)
+                if self.pings and self.pings[0][0] <= time.monotonic():
+                    task, (_, *arguments) = self.ping, self.pings.popleft()
+                elif self.answers and self.answers[0][0] < time.time():  # as strict as check_ping_timeout
+                    task, (_, *arguments) = self.check_answer, self.answers.popleft()
+                else:
+                    task = None
+                    # A ping scheduled while this sleeps is due ping_interval from then: not before it wakes.
+                    wait = self.eio.ping_interval
+                    if self.pings:
+                        wait = min(wait, self.pings[0][0] - time.monotonic())
+                    if self.answers:
+                        wait = min(wait, self.answers[0][0] - time.time())
+            if task is None:
+                self.eio.sleep(max(wait, self.TICK))
                 continue
             try:
-                self.ping(sid)
+                task(*arguments)
             except engineio_exceptions.SocketIsClosedError:
                 pass  # closed by another thread just now
             except Exception:
                 # Every client's pings depend on this task: it goes on.
-                logger.exception("Fast fan-out: a ping to %s failed", sid)
+                logger.exception("Fast fan-out: a ping to %s failed", arguments[0])
 
     def ping(self, sid):
-        """``Socket._send_ping``, after its sleep."""
+        """``Socket._send_ping``, after its sleep; then await the answer."""
         eio_socket = self.eio.sockets.get(sid)
-        if eio_socket is None or eio_socket.closing or eio_socket.closed:
+        if eio_socket is None or self.forget_if_closed(sid, eio_socket) or eio_socket.closing:
             return
-        eio_socket.last_ping = time.time()
-        # Engine.IO's service task lets go of a client that does not answer
-        # within ping_timeout (engineio/server.py _service_task: each client's
-        # check_ping_timeout, once every ping_timeout).
+        eio_socket.last_ping = sent = time.time()
         eio_socket.send(engineio_packet.Packet(engineio_packet.PING))
+        self.add(self.answers, (sent + self.eio.ping_timeout, sid, sent))
+
+    def check_answer(self, sid, sent):
+        """Let go of the client ``sid`` if it has not answered the ping ``sent`` (its last_ping)."""
+        eio_socket = self.eio.sockets.get(sid)
+        if eio_socket is None or self.forget_if_closed(sid, eio_socket):
+            return
+        # An answer sets last_ping to None (schedule), and the next ping to its own time.
+        if eio_socket.last_ping == sent:
+            if eio_socket.check_ping_timeout():  # Engine.IO's own check, which logs and closes the socket
+                # Not late by the wall clock, which went back: ask again first thing.
+                with self.lock:
+                    self.answers.appendleft((time.time() + self.TICK, sid, sent))
+                return
+            self.forget_if_closed(sid, eio_socket)
+
+    def forget_if_closed(self, sid, eio_socket):
+        """Forget a closed client's socket, as Engine.IO's service task does; return whether it was closed."""
+        if eio_socket.closed:
+            self.eio.sockets.pop(sid, None)
+        return eio_socket.closed
 
 
 def writerless_queue_class(base, empty):
