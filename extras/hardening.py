@@ -1,7 +1,10 @@
 """What a server open to anyone needs: security headers, a log no client can flood, no
-per-connection compression state for WebSockets, and no connection left open after its WebSocket."""
+per-connection compression state for WebSockets, no connection left open after its WebSocket,
+and no client events named like the server's own."""
 import logging
 import socket
+
+logger = logging.getLogger("extras.hardening")
 
 # Sent with every response: only this site's own files may run or load in the
 # page, its forms may post only to this site (the sign-in of extras.notifications),
@@ -16,9 +19,11 @@ SECURITY_HEADERS = {
 
 def init_app(app):
     """Add the security headers to every response, quieten Engine.IO's log, decline WebSocket compression,
-    and close each WebSocket's connection when it ends."""
+    close each WebSocket's connection when it ends, and drop the events clients send with reserved names."""
     app.after_request(add_security_headers)
-    eio = app.extensions["socketio"].server.eio
+    server = app.extensions["socketio"].server
+    server._handle_event = without_reserved_events(server, server._handle_event)
+    eio = server.eio
     if not any(isinstance(existing, OncePerKind) for existing in eio.logger.filters):
         eio.logger.addFilter(OncePerKind())
     app.wsgi_app = without_websocket_compression(app.wsgi_app)
@@ -75,6 +80,31 @@ def without_websocket_compression(wsgi_app):
         return wsgi_app(environ, start_response)
 
     return refuse_compression
+
+
+def without_reserved_events(server, handle_event):
+    """Wrap python-socketio's ``Server._handle_event`` so that events a client sends named "connect" or
+    "disconnect" are dropped, with one log line per name.
+
+    python-socketio hands an event from a client to the handler of its name
+    (socketio/server.py ``_handle_event``, ``_trigger_event``), the connect and
+    disconnect handlers too: a client that sends "connect" runs the app's
+    connect handler again, which counts it in as a listener once more, for
+    good.
+    """
+    logged = set()
+
+    def handle_event(eio_sid, namespace, id, data):
+        name = data[0] if isinstance(data, list) and data else None
+        if isinstance(name, str) and name in server.reserved_events:
+            if name not in logged:
+                logged.add(name)
+                logger.warning("Dropped a %r event from a client: the name is reserved "
+                               "(further occurrences are not logged)", name)
+            return
+        return handle_event(eio_sid, namespace, id, data)
+
+    return handle_event
 
 
 def closing_websocket_class(base):

@@ -221,6 +221,9 @@ def test_events_from_clients_are_ignored(watched_server, raw_clients, event):
             connection.send(f'42{NAMESPACE},["{event}", {{"number": 1}}]')
         # Still connected, and still fed: the server read and dropped the events.
         wait_until(lambda: connection.recv().startswith(f'42{NAMESPACE},["newnumber"'), message="a broadcast")
+        # Counted once, with the watcher ("connect" and "disconnect" would run those handlers again).
+        server, _ = watched_server
+        wait_until(lambda: server.health()["clients"] == 2, message="two clients")
         connection.close()
 
 

@@ -187,6 +187,18 @@ def test_disconnect_is_counted(app, feed):
     assert feed.listeners == 0
 
 
+@pytest.mark.parametrize("name", ["connect", "disconnect"])
+def test_a_client_cannot_send_the_connect_or_disconnect_event(feed, socketio_client, name, caplog):
+    # python-socketio would run the handler of that name, counting the client in (or out) again;
+    # extras/hardening.py drops them, with one log line.
+    for _ in range(3):
+        socketio_client.emit(name, {"last_id": 0}, namespace=NAMESPACE)
+    assert socketio_client.is_connected(NAMESPACE)
+    assert feed.listeners == 1
+    dropped = [record.getMessage() for record in caplog.records if "reserved" in record.getMessage()]
+    assert len(dropped) == 1 and repr(name) in dropped[0]
+
+
 def test_a_failing_connect_refuses_the_client_and_keeps_the_count(app, feed, monkeypatch, caplog):
     def broken(auth):
         raise RuntimeError("the history is unreadable")
