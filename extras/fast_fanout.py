@@ -23,15 +23,16 @@ without waiting, or uses the queue.
 Fewer threads or greenlets per connection, too. Engine.IO keeps one task per
 client asleep until its next ping (engineio/socket.py: ``schedule_ping``
 starts ``_send_ping``, which sleeps ``ping_interval``); here one ``Pinger``
-sends every client's pings. Engine.IO keeps a writer per client asleep on
-the client's queue (``_websocket_handler``: ``writer``); here a packet put on
-the queue of a client with nothing waiting is written at once by whoever puts
-it, and a writer runs only while packets wait (``WriterlessQueue``,
-``Connection.drain``). And simple-websocket reads each connection in a thread
-of its own, which hands each message to the connection's handler
-(``Base._thread``, ``Base.receive``); here the handler reads the socket
-itself. Of the four threads or greenlets a WebSocket connection had, one
-remains: its handler.
+sends every client's pings and, in place of Engine.IO's service task, which
+wakes once per client, lets go of those that do not answer. Engine.IO keeps a
+writer per client asleep on the client's queue (``_websocket_handler``:
+``writer``); here a packet put on the queue of a client with nothing waiting
+is written at once by whoever puts it, and a writer runs only while packets
+wait (``WriterlessQueue``, ``Connection.drain``). And simple-websocket reads
+each connection in a thread of its own, which hands each message to the
+connection's handler (``Base._thread``, ``Base.receive``); here the handler
+reads the socket itself. Of the four threads or greenlets a WebSocket
+connection had, one remains: its handler.
 
 On unless the app's ``FAST_FANOUT`` setting is 0 (``FAST_FANOUT=0 python application.py``).
 Used only with the library versions it was written and tested against

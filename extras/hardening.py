@@ -94,7 +94,7 @@ def without_reserved_events(server, handle_event):
     """
     logged = set()
 
-    def handle_event(eio_sid, namespace, id, data):
+    def handle_event_unless_reserved(eio_sid, namespace, id, data):
         name = data[0] if isinstance(data, list) and data else None
         if isinstance(name, str) and name in server.reserved_events:
             if name not in logged:
@@ -104,7 +104,7 @@ def without_reserved_events(server, handle_event):
             return
         return handle_event(eio_sid, namespace, id, data)
 
-    return handle_event
+    return handle_event_unless_reserved
 
 
 def closing_websocket_class(base):

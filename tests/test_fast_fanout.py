@@ -339,10 +339,11 @@ def test_a_client_that_answers_pings_stays_connected_when_nothing_is_broadcast(l
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_client_that_stops_answering_pings_is_let_go_when_nothing_is_broadcast(live_server, mode):
-    # No broadcasts, which would find it gone (Engine.IO's Socket.send checks):
-    # Engine.IO's service task finds it gone, and the writer started to tell it so
-    # sends the close frame. Engine.IO's own handler would then wait for the answer
-    # as long as TCP lasts; the fast path's waits ping_timeout.
+    # No broadcasts, which would find it gone (Engine.IO's Socket.send checks): the
+    # Pinger finds it gone ping_timeout after the ping it did not answer, in place of
+    # Engine.IO's service task, and the writer started to tell it so sends the close
+    # frame. Engine.IO's own handler would then wait for the answer as long as TCP
+    # lasts; the fast path's waits ping_timeout.
     server = live_server(ASYNC_MODE=mode, FAST_FANOUT=1, INTERVAL=3600, PING_INTERVAL=0.5, PING_TIMEOUT=1)
     connection = open_websocket(server.url)
     tcp = connection.sock  # the client lets go of it when the server closes the connection
