@@ -730,6 +730,9 @@ def fanout_websocket_class(base, fanout):
                 return self.connection.serve()
             finally:
                 fanout.remove(self.eio_socket.sid, self.connection)
+                # The queue and the connection refer to each other: without this, the client's
+                # objects would wait for a full garbage collection to be freed.
+                self.eio_socket.queue.connection = None
 
     return FanoutWebSocket
 

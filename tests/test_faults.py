@@ -392,12 +392,13 @@ def test_a_thousand_vanished_clients_leave_nothing_behind(live_server, raw_clien
         baseline,
         rounds,
     )
-    # A leak would keep most of what 1000 connections take (over 100 MiB); the allocator's
-    # noise between two rounds is a few MiB. A quarter of the load is the line between.
+    # A leak would keep most of what 1000 connections take (about 60 MiB); the allocator's
+    # noise between two rounds was 5 to 17 MiB. Half the load is the line between. (The
+    # soak test below finds a leak of 1 kB per connection.)
     load_mib = rounds[0][0].rss_mib - baseline.rss_mib
     growth_mib = rounds[1][3].rss_mib - rounds[0][3].rss_mib
-    assert growth_mib < load_mib / 4, (
-        f"RSS grew {growth_mib:.1f} MiB from the first round to the second; a quarter of what 1000 clients "
+    assert growth_mib < load_mib / 2, (
+        f"RSS grew {growth_mib:.1f} MiB from the first round to the second; half of what 1000 clients "
         f"take ({load_mib:.1f} MiB) is the most allowed: {rounds}"
     )
     # The watcher was sent the stream all along, and it still flows.
