@@ -306,6 +306,10 @@ class Connection:
             # client is let go of now, not when its pings time out.
             self.queue.put(None)  # the writer closes the WebSocket
             eio_socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+            # The queue and the connection refer to each other: without this, the client's
+            # objects would wait for a full garbage collection to be freed. (The writer
+            # started for the None above keeps what it needs.)
+            self.queue.connection = None
             self.finished = True
         return []
 
@@ -588,7 +592,7 @@ class Pinger:
                 pass  # closed by another thread just now
             except Exception:
                 # Every client's pings depend on this task: it goes on.
-                logger.exception("Fast fan-out: a ping to %s failed", arguments[0])
+                logger.exception("Fast fan-out: the Pinger failed on %s", arguments[0])
 
     def ping(self, sid):
         """``Socket._send_ping``, after its sleep; then await the answer."""
@@ -730,9 +734,6 @@ def fanout_websocket_class(base, fanout):
                 return self.connection.serve()
             finally:
                 fanout.remove(self.eio_socket.sid, self.connection)
-                # The queue and the connection refer to each other: without this, the client's
-                # objects would wait for a full garbage collection to be freed.
-                self.eio_socket.queue.connection = None
 
     return FanoutWebSocket
 
